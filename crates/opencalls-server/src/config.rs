@@ -1,0 +1,81 @@
+//! Command line and environment configuration of `opencalls serve`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// opencalls: a self-hostable SFU that speaks the Cloudflare Calls API.
+#[derive(Debug, Parser)]
+#[command(name = "opencalls", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CliCommand,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CliCommand {
+    /// Run the HTTP API and the media plane.
+    Serve(ServeConfig),
+}
+
+/// `opencalls serve` settings; every flag also reads an `OPENCALLS_*` variable.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// HTTP API listen address.
+    #[arg(long, env = "OPENCALLS_HTTP", default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
+    /// Media bind address; worker k uses port + k (port 0: any free port per worker).
+    #[arg(long, env = "OPENCALLS_UDP", default_value = "0.0.0.0:50000")]
+    pub udp: SocketAddr,
+    /// Address advertised in ICE candidates (default: the bind address, or every
+    /// interface address when binding to 0.0.0.0).
+    #[arg(long, env = "OPENCALLS_PUBLIC_IP")]
+    pub public_ip: Option<IpAddr>,
+    /// An app this server accepts, as ID:SECRET (repeatable). Without any, a default app
+    /// is created once and kept in the data directory.
+    #[arg(long = "app", env = "OPENCALLS_APPS", value_delimiter = ',')]
+    pub apps: Vec<String>,
+    /// Media worker threads (default: number of cores).
+    #[arg(long, env = "OPENCALLS_WORKERS")]
+    pub workers: Option<usize>,
+    /// Where the default app is kept.
+    #[arg(long, env = "OPENCALLS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds a session may stay unconnected, or disconnected, before it is closed; also
+    /// how long a published track may receive no media.
+    #[arg(long, env = "OPENCALLS_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    pub idle_timeout_secs: u64,
+}
+
+impl ServeConfig {
+    /// A configuration for tests: loopback only, ephemeral ports, one app.
+    pub fn for_tests(app: &str, secret: &str, workers: usize) -> ServeConfig {
+        ServeConfig {
+            http: "127.0.0.1:0".parse().expect("static address"),
+            udp: "127.0.0.1:0".parse().expect("static address"),
+            public_ip: None,
+            apps: vec![format!("{app}:{secret}")],
+            workers: Some(workers),
+            data_dir: None,
+            idle_timeout_secs: 30,
+        }
+    }
+
+    /// The data directory: flag, else `$XDG_DATA_HOME/opencalls`, else
+    /// `$HOME/.local/share/opencalls`, else `./.opencalls`.
+    pub fn data_dir(&self) -> PathBuf {
+        if let Some(d) = &self.data_dir {
+            return d.clone();
+        }
+        if let Some(x) = std::env::var_os("XDG_DATA_HOME") {
+            return PathBuf::from(x).join("opencalls");
+        }
+        if let Some(h) = std::env::var_os("HOME") {
+            return PathBuf::from(h).join(".local/share/opencalls");
+        }
+        PathBuf::from(".opencalls")
+    }
+}

@@ -1,0 +1,113 @@
+//! `ApiError`: the one type that knows HTTP statuses and Calls error codes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use opencalls_api::{ErrorBody, ErrorCode, BACKEND_ERROR_DESCRIPTION};
+use opencalls_sfu::SfuError;
+
+/// A request-level failure.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: ErrorCode,
+    description: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: ErrorCode, description: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            description: description.into(),
+        }
+    }
+
+    /// 401.
+    pub fn unauthorized() -> ApiError {
+        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Unauthorized")
+    }
+
+    /// 404 for an unknown app, session or path.
+    pub fn not_found(what: &str) -> ApiError {
+        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("{what} not found"))
+    }
+
+    /// 400: not JSON, or not the expected shape.
+    pub fn decoding(description: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::DecodingError, description)
+    }
+
+    /// 406: fields that make no sense together.
+    pub fn invalid_params(description: impl Into<String>) -> ApiError {
+        Self::new(StatusCode::NOT_ACCEPTABLE, ErrorCode::InvalidParams, description)
+    }
+
+    /// 406: SDP problems and negotiation out of order.
+    pub fn invalid_sdp(description: impl Into<String>) -> ApiError {
+        Self::new(
+            StatusCode::NOT_ACCEPTABLE,
+            ErrorCode::InvalidSessionDescription,
+            description,
+        )
+    }
+
+    /// 413.
+    pub fn payload_too_large() -> ApiError {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::PayloadTooLarge,
+            "Request body too large",
+        )
+    }
+
+    /// 410: the session expired or was closed.
+    pub fn session_gone() -> ApiError {
+        Self::new(
+            StatusCode::GONE,
+            ErrorCode::SessionError,
+            "Session is closed or expired",
+        )
+    }
+
+    /// 500.
+    pub fn internal() -> ApiError {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::InternalError,
+            BACKEND_ERROR_DESCRIPTION,
+        )
+    }
+
+    /// 503: the media plane is not answering.
+    pub fn unavailable() -> ApiError {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::TemporarilyUnavailableError,
+            "Media plane unavailable",
+        )
+    }
+}
+
+impl From<SfuError> for ApiError {
+    fn from(e: SfuError) -> ApiError {
+        match e {
+            SfuError::SessionGone => ApiError::session_gone(),
+            SfuError::OfferPending | SfuError::NoPendingOffer | SfuError::Sdp(_) => {
+                ApiError::invalid_sdp(e.to_string())
+            }
+            SfuError::InvalidParams(s) => ApiError::invalid_params(s),
+            SfuError::Internal => ApiError::internal(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error_code: self.code,
+            error_description: self.description,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}

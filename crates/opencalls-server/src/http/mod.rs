@@ -1,0 +1,111 @@
+//! The Calls HTTPS API: routing, CORS, auth and body parsing.
+//!
+//! Boundary: handlers here translate between wire types (`opencalls_api`) and media-plane
+//! commands (`opencalls_sfu::Command`); nothing else in the server sees either shape.
+
+mod error;
+mod sessions;
+
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde::de::DeserializeOwned;
+
+pub use error::ApiError;
+
+use crate::apps::AuthResult;
+use crate::control::Control;
+
+/// Largest request body accepted (64 tracks of SDP fit with room to spare).
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// The whole HTTP surface.
+pub fn router(control: Arc<Control>) -> Router {
+    let api = Router::new()
+        .route("/sessions/new", post(sessions::new_session))
+        .route("/sessions/{session_id}/tracks/new", post(sessions::new_tracks))
+        .route("/sessions/{session_id}/renegotiate", put(sessions::renegotiate))
+        .route("/sessions/{session_id}/tracks/close", put(sessions::close_tracks))
+        .route("/sessions/{session_id}", get(sessions::get_session));
+    Router::new()
+        .nest("/v1/apps/{app_id}", api.clone())
+        .nest("/apps/{app_id}", api)
+        .route("/healthz", get(healthz))
+        .fallback(fallback)
+        .with_state(control)
+        .layer(middleware::from_fn(cors))
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"})))
+}
+
+async fn fallback() -> ApiError {
+    ApiError::not_found("path")
+}
+
+/// Answers preflights and marks every response readable cross-origin (the Calls demos
+/// call the API straight from the browser; proxies forward Origin too, so no allowlist).
+async fn cors(req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if req.method() == Method::OPTIONS {
+        let mut res = StatusCode::NO_CONTENT.into_response();
+        let h = res.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static("GET, POST, PUT, DELETE, OPTIONS"),
+        );
+        let allow_headers = req
+            .headers()
+            .get(header::ACCESS_CONTROL_REQUEST_HEADERS)
+            .cloned()
+            .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
+        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+        add_cors(h, origin);
+        return res;
+    }
+    let mut res = next.run(req).await;
+    add_cors(res.headers_mut(), origin);
+    res
+}
+
+fn add_cors(h: &mut HeaderMap, origin: Option<HeaderValue>) {
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        origin.unwrap_or_else(|| HeaderValue::from_static("*")),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+}
+
+/// Checks the bearer secret for the app in the path.
+pub(crate) fn authorize(control: &Control, app_id: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match control.apps.authorize(app_id, auth) {
+        AuthResult::Allowed => Ok(()),
+        AuthResult::UnknownApp => Err(ApiError::not_found("app")),
+        AuthResult::BadSecret => Err(ApiError::unauthorized()),
+    }
+}
+
+/// Reads a JSON body whatever its Content-Type (browsers send text/plain). `None` for an
+/// empty body.
+pub(crate) async fn read_json<T: DeserializeOwned>(body: Body) -> Result<Option<T>, ApiError> {
+    let bytes = to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| ApiError::payload_too_large())?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| ApiError::decoding(format!("JSON body validation error: {e}")))
+}

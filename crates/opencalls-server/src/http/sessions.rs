@@ -1,0 +1,413 @@
+//! Handlers of the session and track endpoints (calls-api.md §4.1–4.6).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use opencalls_api::*;
+use opencalls_sfu::{Command, ItemError, PullItem, PushItem, SessionKey};
+
+use super::{authorize, read_json, ApiError};
+use crate::control::Control;
+use crate::registry::{Lookup, PublicationEntry, SessionEntry};
+
+/// Longest mid str0m can hold.
+const MAX_MID_LEN: usize = 16;
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Auth, then the session of this app.
+fn open_session(
+    control: &Control,
+    app_id: &str,
+    session_id: &str,
+    headers: &HeaderMap,
+) -> ApiResult<SessionEntry> {
+    authorize(control, app_id, headers)?;
+    match control.registry().session(app_id, session_id) {
+        Lookup::Open(e) => Ok(e),
+        Lookup::Closed => Err(ApiError::session_gone()),
+        Lookup::Unknown => Err(ApiError::not_found("session")),
+    }
+}
+
+fn offer_sdp(desc: &SessionDescription) -> ApiResult<&str> {
+    match desc.kind {
+        SdpType::Offer => Ok(&desc.sdp),
+        SdpType::Answer => Err(ApiError::invalid_sdp("expected a session description of type offer")),
+    }
+}
+
+fn offer(sdp: String) -> SessionDescription {
+    SessionDescription {
+        kind: SdpType::Offer,
+        sdp,
+    }
+}
+
+fn answer(sdp: String) -> SessionDescription {
+    SessionDescription {
+        kind: SdpType::Answer,
+        sdp,
+    }
+}
+
+/// `POST sessions/new`.
+pub async fn new_session(
+    State(control): State<Arc<Control>>,
+    Path(app_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<impl IntoResponse> {
+    authorize(&control, &app_id, &headers)?;
+    let req: NewSessionRequest = read_json(body).await?.unwrap_or_default();
+    let offer = match &req.session_description {
+        Some(d) => Some(offer_sdp(d)?.to_string()),
+        None => None,
+    };
+    let worker = control.place();
+    let peer = control.build_peer(worker).await?;
+    let session_id = opencalls_sfu::random_hex(32);
+    let key = SessionKey::next();
+    control.registry().insert_session(
+        session_id.clone(),
+        SessionEntry {
+            app: app_id,
+            key,
+            worker: worker.index(),
+            closed: None,
+        },
+    );
+    let sid = session_id.clone();
+    let answer_sdp = control
+        .call(worker.index(), |reply| Command::AddSession {
+            key,
+            session_id: sid,
+            peer: Box::new(peer),
+            offer,
+            reply,
+        })
+        .await??;
+    Ok((
+        StatusCode::CREATED,
+        Json(NewSessionResponse {
+            session_id,
+            session_description: answer_sdp.map(answer),
+        }),
+    ))
+}
+
+/// `POST sessions/{id}/tracks/new`.
+pub async fn new_tracks(
+    State(control): State<Arc<Control>>,
+    Path((app_id, session_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<TracksResponse>> {
+    let session = open_session(&control, &app_id, &session_id, &headers)?;
+    let req: TracksRequest = read_json(body)
+        .await?
+        .ok_or_else(|| ApiError::decoding("empty body"))?;
+    let tracks = req.tracks.unwrap_or_default();
+    if tracks.len() > MAX_TRACKS_PER_REQUEST {
+        return Err(ApiError::invalid_params(format!(
+            "Expecting at most {MAX_TRACKS_PER_REQUEST} tracks in the request"
+        )));
+    }
+    let auto = req.auto_discover.unwrap_or(false);
+    let remote = tracks
+        .iter()
+        .filter(|t| t.location == Some(Location::Remote))
+        .count();
+    if remote > 0 && remote < tracks.len() {
+        return Err(ApiError::invalid_params(
+            "a batch must be all local or all remote tracks",
+        ));
+    }
+    match (req.session_description, remote > 0) {
+        (Some(desc), false) => {
+            let sdp = offer_sdp(&desc)?.to_string();
+            push(&control, &session, &session_id, sdp, tracks, auto).await
+        }
+        (None, true) => pull(&control, &app_id, &session, tracks).await,
+        (Some(_), true) => Err(ApiError::invalid_params(
+            "pulling remote tracks with a client offer is not supported; send no offer",
+        )),
+        (None, false) if tracks.is_empty() => Err(ApiError::invalid_params(
+            "nothing to do: send an offer with local tracks or autoDiscover, or remote tracks",
+        )),
+        (None, false) => Err(ApiError::invalid_params(
+            "publishing local tracks without a client offer is not supported; send an offer",
+        )),
+    }
+}
+
+async fn push(
+    control: &Control,
+    session: &SessionEntry,
+    session_id: &str,
+    sdp: String,
+    tracks: Vec<TrackObject>,
+    auto_discover: bool,
+) -> ApiResult<Json<TracksResponse>> {
+    let mut items = Vec::with_capacity(tracks.len());
+    for t in tracks {
+        let (Some(mid), Some(track_name)) = (t.mid, t.track_name) else {
+            return Err(ApiError::invalid_params("local tracks need mid and trackName"));
+        };
+        if mid.is_empty() || mid.len() > MAX_MID_LEN || track_name.is_empty() {
+            return Err(ApiError::invalid_params(format!(
+                "mid must be 1 to {MAX_MID_LEN} characters and trackName not empty"
+            )));
+        }
+        items.push(PushItem { mid, track_name });
+    }
+    let key = session.key;
+    let outcome = control
+        .call(session.worker, |reply| Command::Push {
+            key,
+            offer: sdp,
+            items,
+            auto_discover,
+            reply,
+        })
+        .await??;
+    let mut results = Vec::with_capacity(outcome.tracks.len());
+    {
+        let mut reg = control.registry();
+        for t in outcome.tracks {
+            results.push(match t {
+                Ok(p) => {
+                    reg.publish(
+                        session_id,
+                        &p.track_name,
+                        PublicationEntry {
+                            key: p.key,
+                            worker: session.worker,
+                            kind: p.kind,
+                        },
+                    );
+                    TrackResult {
+                        mid: Some(p.mid),
+                        track_name: Some(p.track_name),
+                        ..Default::default()
+                    }
+                }
+                Err((track_name, e)) => item_error(
+                    TrackResult {
+                        track_name: Some(track_name),
+                        ..Default::default()
+                    },
+                    e,
+                ),
+            });
+        }
+    }
+    Ok(Json(TracksResponse {
+        requires_immediate_renegotiation: false,
+        session_description: Some(answer(outcome.answer)),
+        tracks: results,
+    }))
+}
+
+async fn pull(
+    control: &Control,
+    app_id: &str,
+    session: &SessionEntry,
+    tracks: Vec<TrackObject>,
+) -> ApiResult<Json<TracksResponse>> {
+    let mut items = Vec::with_capacity(tracks.len());
+    {
+        let reg = control.registry();
+        for t in &tracks {
+            let (Some(sid), Some(name)) = (&t.session_id, &t.track_name) else {
+                return Err(ApiError::invalid_params(
+                    "remote tracks need sessionId and trackName",
+                ));
+            };
+            if t.mid.as_deref().is_some_and(|m| m.starts_with('#')) {
+                return Err(ApiError::invalid_params(
+                    "pulling onto an existing transceiver (mid \"#name\") is not supported yet",
+                ));
+            }
+            items.push(match reg.publication(app_id, sid, name) {
+                Some(p) => Ok(PullItem {
+                    source: p.key,
+                    source_worker: p.worker,
+                    kind: p.kind,
+                    source_session_id: sid.clone(),
+                    track_name: name.clone(),
+                }),
+                None => Err(ItemError::TrackNotFound),
+            });
+        }
+    }
+    let key = session.key;
+    let outcome = control
+        .call(session.worker, |reply| Command::Pull { key, items, reply })
+        .await??;
+    let results = tracks
+        .into_iter()
+        .zip(outcome.mids)
+        .map(|(t, mid)| {
+            let base = TrackResult {
+                session_id: t.session_id,
+                track_name: t.track_name,
+                simulcast: t.simulcast,
+                ..Default::default()
+            };
+            match mid {
+                Ok(mid) => TrackResult {
+                    mid: Some(mid),
+                    ..base
+                },
+                Err(e) => item_error(
+                    TrackResult {
+                        mid: Some(String::new()),
+                        ..base
+                    },
+                    e,
+                ),
+            }
+        })
+        .collect();
+    Ok(Json(TracksResponse {
+        requires_immediate_renegotiation: outcome.offer.is_some(),
+        session_description: outcome.offer.map(offer),
+        tracks: results,
+    }))
+}
+
+fn item_error(r: TrackResult, e: ItemError) -> TrackResult {
+    match e {
+        ItemError::TrackNotFound => r.with_error(
+            ErrorCode::NotFoundTrackError,
+            "Track not found: the session has no published track of that name",
+        ),
+        ItemError::MidNotFound(mid) => r.with_error(
+            ErrorCode::InvalidParams,
+            format!("mid {mid} is not an m-line this session receives on"),
+        ),
+        ItemError::RepeatedTrackName => r.with_error(
+            ErrorCode::RepeatedLocalTrackError,
+            "trackName is already published from another mid of this session",
+        ),
+        ItemError::AlreadyClosed => {
+            r.with_error(ErrorCode::CloseTrackError, CLOSE_TRACK_DESCRIPTION)
+        }
+        ItemError::Internal => r.with_error(ErrorCode::InternalError, BACKEND_ERROR_DESCRIPTION),
+    }
+}
+
+/// `PUT sessions/{id}/renegotiate`.
+pub async fn renegotiate(
+    State(control): State<Arc<Control>>,
+    Path((app_id, session_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<serde_json::Value>> {
+    let session = open_session(&control, &app_id, &session_id, &headers)?;
+    let req: RenegotiateRequest = read_json(body)
+        .await?
+        .ok_or_else(|| ApiError::decoding("empty body"))?;
+    if req.session_description.kind != SdpType::Answer {
+        return Err(ApiError::invalid_sdp(
+            "renegotiate takes the answer to the SFU's offer",
+        ));
+    }
+    let key = session.key;
+    let sdp = req.session_description.sdp;
+    control
+        .call(session.worker, |reply| Command::Answer { key, sdp, reply })
+        .await??;
+    Ok(Json(serde_json::json!({})))
+}
+
+/// `PUT sessions/{id}/tracks/close`.
+pub async fn close_tracks(
+    State(control): State<Arc<Control>>,
+    Path((app_id, session_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<TracksResponse>> {
+    let session = open_session(&control, &app_id, &session_id, &headers)?;
+    let req: CloseTracksRequest = read_json(body)
+        .await?
+        .ok_or_else(|| ApiError::decoding("empty body"))?;
+    if req.tracks.is_empty() || req.tracks.len() > MAX_TRACKS_PER_REQUEST {
+        return Err(ApiError::invalid_params(format!(
+            "Expecting 1 to {MAX_TRACKS_PER_REQUEST} tracks in the request"
+        )));
+    }
+    let offer = match (&req.session_description, req.force) {
+        (Some(d), false) => Some(offer_sdp(d)?.to_string()),
+        _ => None,
+    };
+    let mids: Vec<String> = req.tracks.iter().map(|t| t.mid.clone()).collect();
+    let key = session.key;
+    let outcome = control
+        .call(session.worker, |reply| Command::Close {
+            key,
+            mids: mids.clone(),
+            offer,
+            reply,
+        })
+        .await??;
+    {
+        let mut reg = control.registry();
+        for name in &outcome.unpublished {
+            reg.unpublish(&session_id, name);
+        }
+    }
+    let tracks = mids
+        .into_iter()
+        .zip(outcome.results)
+        .map(|(mid, r)| {
+            let base = TrackResult {
+                mid: Some(mid),
+                ..Default::default()
+            };
+            match r {
+                Ok(()) => base,
+                Err(e) => item_error(base, e),
+            }
+        })
+        .collect();
+    Ok(Json(TracksResponse {
+        requires_immediate_renegotiation: false,
+        session_description: outcome.answer.map(answer),
+        tracks,
+    }))
+}
+
+/// `GET sessions/{id}`.
+pub async fn get_session(
+    State(control): State<Arc<Control>>,
+    Path((app_id, session_id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> ApiResult<Json<GetSessionStateResponse>> {
+    let session = open_session(&control, &app_id, &session_id, &headers)?;
+    let key = session.key;
+    let states = control
+        .call(session.worker, |reply| Command::Get { key, reply })
+        .await??;
+    let tracks = states
+        .into_iter()
+        .map(|t| TrackResult {
+            location: Some(if t.local {
+                Location::Local
+            } else {
+                Location::Remote
+            }),
+            mid: Some(t.mid),
+            session_id: t.source_session_id,
+            track_name: Some(t.track_name),
+            status: Some(if t.active { "active" } else { "inactive" }),
+            ..Default::default()
+        })
+        .collect();
+    Ok(Json(GetSessionStateResponse { tracks }))
+}

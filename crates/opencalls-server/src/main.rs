@@ -1,0 +1,51 @@
+//! `opencalls serve`: parse the command line, start, print how to connect, wait for a
+//! signal, shut down.
+
+use clap::Parser;
+use opencalls_server::config::{Cli, CliCommand};
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "opencalls=info,warn".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let CliCommand::Serve(config) = cli.command;
+    let server = opencalls_server::start(config).await?;
+    println!("opencalls is ready");
+    println!("  API base URL:  {}", server.api_base_url());
+    for app in server.apps.list() {
+        println!("  app id:        {}", app.id);
+        println!("  app secret:    {}", app.secret);
+    }
+    for (k, addrs) in server.media_addrs.iter().enumerate() {
+        let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        println!("  media worker {k}: udp {}", list.join(", "));
+    }
+    println!("Press Ctrl-C to stop.");
+    shutdown_signal().await;
+    println!("shutting down");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

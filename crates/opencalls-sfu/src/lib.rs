@@ -1,0 +1,18 @@
+//! The opencalls media plane: sessions, tracks, forwarding and the media worker threads.
+//!
+//! This is the only crate that imports str0m, and inside it only [`peer`] calls str0m's
+//! API (plus the header-extension value type the forwarder copies). It knows nothing of
+//! HTTP, JSON or the Calls wire format; the control plane speaks to it with
+//! [`command::Command`] values and hears back through [`command::MediaEvent`]s.
+#![warn(missing_docs)]
+
+pub mod command;
+pub mod forward;
+pub mod peer;
+mod session;
+pub mod stun;
+pub mod worker;
+
+pub use command::*;
+pub use peer::{Certificate, Kind, Peer, PeerConfig};
+pub use worker::{random_hex, Endpoint, MediaConfig, MediaPlane, Timeouts, WorkerHandle, WorkerStats};

@@ -1,0 +1,483 @@
+//! The one module that drives str0m.
+//!
+//! [`Peer`] is one server-side PeerConnection (a str0m `Rtc` in RTP mode, ICE-lite) with a
+//! small surface in our own words: SDP in and out as text, datagrams and time in, and
+//! [`PeerOutput`] values out. str0m makes breaking releases about monthly; keeping every
+//! call into it here means an upgrade touches this file only.
+//!
+//! Invariant: after every mutation the caller drains [`Peer::poll`] until it returns
+//! [`PeerOutput::Timeout`] (str0m's single-mutation invariant).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
+use str0m::format::PayloadParams;
+use str0m::media::{Direction, KeyframeRequestKind, MediaKind};
+use str0m::net::{Protocol, Receive};
+use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig, RtcError};
+
+pub use str0m::format::CodecSpec;
+pub use str0m::media::{Mid, Rid};
+
+/// A DTLS certificate shared by every session of the process (building one per session
+/// costs milliseconds; the fingerprint is public anyway).
+#[derive(Clone)]
+pub struct Certificate(str0m::config::DtlsCert);
+
+impl Certificate {
+    /// Generates a self-signed certificate with the default crypto provider.
+    pub fn generate() -> Result<Certificate, PeerError> {
+        let provider = str0m::crypto::from_feature_flags();
+        provider
+            .dtls_provider
+            .generate_certificate()
+            .map(Certificate)
+            .ok_or_else(|| PeerError::Internal("cannot generate a DTLS certificate".into()))
+    }
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Certificate")
+    }
+}
+
+/// Audio or video.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Audio m-line.
+    Audio,
+    /// Video m-line.
+    Video,
+}
+
+impl Kind {
+    /// `"audio"` / `"video"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Audio => "audio",
+            Kind::Video => "video",
+        }
+    }
+
+    fn from_str0m(k: MediaKind) -> Kind {
+        match k {
+            MediaKind::Audio => Kind::Audio,
+            MediaKind::Video => Kind::Video,
+        }
+    }
+
+    fn to_str0m(self) -> MediaKind {
+        match self {
+            Kind::Audio => MediaKind::Audio,
+            Kind::Video => MediaKind::Video,
+        }
+    }
+}
+
+/// Why a peer operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The remote SDP could not be parsed or was not acceptable.
+    #[error("{0}")]
+    Sdp(String),
+    /// An answer arrived while no offer of ours was pending.
+    #[error("no pending offer to answer")]
+    NoPendingOffer,
+    /// str0m failed internally.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<RtcError> for PeerError {
+    fn from(e: RtcError) -> Self {
+        match e {
+            RtcError::RemoteSdp(s) => PeerError::Sdp(s),
+            RtcError::Sdp(s) => PeerError::Sdp(s.to_string()),
+            RtcError::ChangesOutOfOrder => PeerError::NoPendingOffer,
+            other => PeerError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// A received RTP packet, decrypted and parsed.
+#[derive(Debug, Clone)]
+pub struct RtpIn {
+    /// The m-line it belongs to.
+    pub mid: Mid,
+    /// Simulcast layer, when the publisher sends several.
+    pub rid: Option<Rid>,
+    /// The codec of the payload.
+    pub codec: Option<CodecSpec>,
+    /// Extended (roll-over free) sequence number.
+    pub seq: u64,
+    /// RTP timestamp.
+    pub rtp_time: u32,
+    /// Marker bit.
+    pub marker: bool,
+    /// Header extension values worth forwarding.
+    pub ext: ExtensionValues,
+    /// The RTP payload (shared, never copied per subscriber).
+    pub payload: Arc<[u8]>,
+}
+
+/// Something the peer tells its owner.
+#[derive(Debug)]
+pub enum PeerEvent {
+    /// ICE and DTLS are up: media can flow.
+    Connected,
+    /// ICE lost the peer (it may come back).
+    Disconnected,
+    /// ICE is connected again after [`PeerEvent::Disconnected`].
+    Reconnected,
+    /// An RTP packet arrived on a receiving m-line.
+    Rtp(RtpIn),
+    /// The remote asked for a keyframe on one of our sending m-lines.
+    KeyframeRequest {
+        /// Our sending m-line.
+        mid: Mid,
+        /// FIR rather than PLI.
+        fir: bool,
+    },
+}
+
+/// What [`Peer::poll`] yields.
+#[derive(Debug)]
+pub enum PeerOutput {
+    /// A datagram to send.
+    Transmit {
+        /// Where to.
+        destination: SocketAddr,
+        /// From which of our addresses.
+        source: SocketAddr,
+        /// The bytes.
+        contents: Vec<u8>,
+    },
+    /// An event.
+    Event(PeerEvent),
+    /// Nothing more now; call again at this time.
+    Timeout(Instant),
+}
+
+/// An m-line the SFU adds in its own offer.
+#[derive(Debug, Clone)]
+pub struct NewMedia {
+    /// Audio or video.
+    pub kind: Kind,
+    /// Send only (pull) or send and receive.
+    pub send_recv: bool,
+    /// `a=msid` stream id.
+    pub stream_id: String,
+    /// `a=msid` track id.
+    pub track_id: String,
+}
+
+/// One server-side PeerConnection.
+pub struct Peer {
+    rtc: Rtc,
+    pending: Option<SdpPendingOffer>,
+    ufrag: String,
+    ice_connected: bool,
+    was_connected: bool,
+    /// Payload type → codec, learned lazily per peer.
+    codecs: HashMap<u8, Option<CodecSpec>>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("ufrag", &self.ufrag).finish()
+    }
+}
+
+/// How a [`Peer`] is built.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    /// The process-wide certificate.
+    pub certificate: Certificate,
+    /// Host candidates to advertise (the worker's socket addresses).
+    pub candidates: Vec<SocketAddr>,
+}
+
+impl Peer {
+    /// Builds a peer. Costs about a millisecond of CPU (str0m validates its crypto provider
+    /// per DTLS config), so call it off the media threads.
+    pub fn new(config: &PeerConfig, now: Instant) -> Result<Peer, PeerError> {
+        let mut rtc = RtcConfig::new()
+            .set_ice_lite(true)
+            .set_rtp_mode(true)
+            .set_dtls_cert(config.certificate.0.clone())
+            .enable_pcmu(true, false)
+            .enable_pcma(true, false)
+            .set_stats_interval(None)
+            .build(now);
+        for addr in &config.candidates {
+            let c = Candidate::host(*addr, "udp").map_err(|e| PeerError::Internal(e.to_string()))?;
+            rtc.add_local_candidate(c);
+        }
+        let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
+        Ok(Peer {
+            rtc,
+            pending: None,
+            ufrag,
+            ice_connected: false,
+            was_connected: false,
+            codecs: HashMap::new(),
+        })
+    }
+
+    /// Our ICE username fragment: the key that demultiplexes a new client address.
+    pub fn ice_ufrag(&self) -> &str {
+        &self.ufrag
+    }
+
+    /// Whether ICE and DTLS have come up at least once.
+    pub fn was_connected(&self) -> bool {
+        self.was_connected
+    }
+
+    /// Whether an offer of ours waits for its answer.
+    pub fn has_pending_offer(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Checks that `sdp` parses as an offer, without touching the session.
+    pub fn check_offer(sdp: &str) -> Result<(), PeerError> {
+        SdpOffer::from_sdp_string(sdp)
+            .map(|_| ())
+            .map_err(|e| PeerError::Sdp(e.to_string()))
+    }
+
+    /// Accepts the client's offer and returns our answer.
+    pub fn accept_offer(&mut self, sdp: &str) -> Result<String, PeerError> {
+        let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
+        let answer = self.rtc.sdp_api().accept_offer(offer)?;
+        self.pending = None;
+        self.codecs.clear();
+        Ok(answer.to_sdp_string())
+    }
+
+    /// Creates an offer adding `medias`; returns the SDP and the new mids in order.
+    pub fn create_offer(&mut self, medias: &[NewMedia]) -> Result<(String, Vec<Mid>), PeerError> {
+        let mut api = self.rtc.sdp_api();
+        let mids: Vec<Mid> = medias
+            .iter()
+            .map(|m| {
+                let dir = if m.send_recv {
+                    Direction::SendRecv
+                } else {
+                    Direction::SendOnly
+                };
+                api.add_media(
+                    m.kind.to_str0m(),
+                    dir,
+                    Some(m.stream_id.clone()),
+                    Some(m.track_id.clone()),
+                    None,
+                )
+            })
+            .collect();
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| PeerError::Internal("offer without changes".into()))?;
+        self.pending = Some(pending);
+        Ok((offer.to_sdp_string(), mids))
+    }
+
+    /// Applies the client's answer to our pending offer.
+    pub fn accept_answer(&mut self, sdp: &str) -> Result<(), PeerError> {
+        let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
+        let pending = self.pending.take().ok_or(PeerError::NoPendingOffer)?;
+        self.rtc.sdp_api().accept_answer(pending, answer)?;
+        self.codecs.clear();
+        Ok(())
+    }
+
+    /// Drops our pending offer (its m-lines are never created).
+    pub fn rollback_offer(&mut self) {
+        self.pending = None;
+    }
+
+    /// The kind of an m-line and whether we receive on it.
+    pub fn media(&self, mid: Mid) -> Option<(Kind, bool)> {
+        let m = self.rtc.media(mid)?;
+        if m.disabled() {
+            return None;
+        }
+        Some((Kind::from_str0m(m.kind()), m.direction().is_receiving()))
+    }
+
+    /// Every receiving m-line, in SDP order (autoDiscover).
+    pub fn receiving_mids(&self, mids_in_offer: &[Mid]) -> Vec<(Mid, Kind)> {
+        mids_in_offer
+            .iter()
+            .filter_map(|mid| match self.media(*mid) {
+                Some((kind, true)) => Some((*mid, kind)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Our payload type for `codec` on sending m-line `mid`, if the remote accepted it.
+    pub fn send_pt(&self, mid: Mid, codec: &CodecSpec) -> Option<u8> {
+        let media = self.rtc.media(mid)?;
+        let cfg = self.rtc.codec_config();
+        let wanted = PayloadParams::new(0.into(), None, *codec);
+        let params = cfg.match_params(wanted)?;
+        let pt = params.pt();
+        media.remote_pts().contains(&pt).then(|| *pt)
+    }
+
+    /// Feeds a datagram from the network.
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        source: SocketAddr,
+        destination: SocketAddr,
+        contents: &[u8],
+    ) -> Result<(), PeerError> {
+        let contents = contents
+            .try_into()
+            .map_err(|_| PeerError::Internal("unrecognised datagram".into()))?;
+        self.rtc.handle_input(Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination,
+                contents,
+            },
+        ))?;
+        Ok(())
+    }
+
+    /// Advances time.
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), PeerError> {
+        self.rtc.handle_input(Input::Timeout(now))?;
+        Ok(())
+    }
+
+    /// Sends one RTP packet on sending m-line `mid`. Returns false when the m-line has no
+    /// send stream (not negotiated yet, or stopped).
+    #[allow(clippy::too_many_arguments)] // one RTP packet's fields; a struct would only be unpacked again
+    pub fn write_rtp(
+        &mut self,
+        mid: Mid,
+        pt: u8,
+        seq: u64,
+        rtp_time: u32,
+        marker: bool,
+        ext: ExtensionValues,
+        payload: Arc<[u8]>,
+        now: Instant,
+    ) -> bool {
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return false;
+        };
+        tx.write_rtp(
+            RtpWrite::new(pt.into(), seq.into(), rtp_time, now, payload)
+                .marker(marker)
+                .ext_vals(ext)
+                .nackable(true),
+        );
+        true
+    }
+
+    /// Asks the remote for a keyframe on receiving m-line `mid`.
+    pub fn request_keyframe(&mut self, mid: Mid, rid: Option<Rid>, fir: bool) {
+        let kind = if fir {
+            KeyframeRequestKind::Fir
+        } else {
+            KeyframeRequestKind::Pli
+        };
+        if let Some(rx) = self.rtc.direct_api().stream_rx_by_mid(mid, rid) {
+            rx.request_keyframe(kind);
+        }
+    }
+
+    /// Closes the connection (DTLS close alert) and stops all timers.
+    pub fn disconnect(&mut self) {
+        self.rtc.disconnect();
+    }
+
+    /// Next output. Events str0m emits that nobody here needs are skipped.
+    pub fn poll(&mut self) -> Result<PeerOutput, PeerError> {
+        loop {
+            let out = self.rtc.poll_output()?;
+            let ev = match out {
+                Output::Timeout(t) => return Ok(PeerOutput::Timeout(t)),
+                Output::Transmit(t) => {
+                    return Ok(PeerOutput::Transmit {
+                        destination: t.destination,
+                        source: t.source,
+                        contents: t.contents.into(),
+                    })
+                }
+                Output::Event(ev) => ev,
+            };
+            let mapped = match ev {
+                Event::Connected => {
+                    self.was_connected = true;
+                    Some(PeerEvent::Connected)
+                }
+                Event::IceConnectionStateChange(s) => match s {
+                    IceConnectionState::Disconnected => {
+                        self.ice_connected = false;
+                        Some(PeerEvent::Disconnected)
+                    }
+                    IceConnectionState::Connected | IceConnectionState::Completed => {
+                        let again = !self.ice_connected && self.was_connected;
+                        self.ice_connected = true;
+                        again.then_some(PeerEvent::Reconnected)
+                    }
+                    _ => None,
+                },
+                Event::RtpPacket(p) => self.rtp_in(p).map(PeerEvent::Rtp),
+                Event::KeyframeRequest(r) => Some(PeerEvent::KeyframeRequest {
+                    mid: r.mid,
+                    fir: matches!(r.kind, KeyframeRequestKind::Fir),
+                }),
+                _ => None,
+            };
+            if let Some(e) = mapped {
+                return Ok(PeerOutput::Event(e));
+            }
+        }
+    }
+
+    fn rtp_in(&mut self, p: str0m::rtp::RtpPacket) -> Option<RtpIn> {
+        let ssrc = p.header.ssrc;
+        let (mid, rid) = {
+            let mut api = self.rtc.direct_api();
+            let rx = api.stream_rx(&ssrc)?;
+            (rx.mid(), rx.rid().or(p.header.ext_vals.rid))
+        };
+        let pt = *p.header.payload_type;
+        let codec = match self.codecs.get(&pt) {
+            Some(c) => *c,
+            None => {
+                let c = self
+                    .rtc
+                    .codec_config()
+                    .find(|params| *params.pt() == pt)
+                    .map(|params| params.spec());
+                self.codecs.insert(pt, c);
+                c
+            }
+        };
+        Some(RtpIn {
+            mid,
+            rid,
+            codec,
+            seq: *p.seq_no,
+            rtp_time: p.header.timestamp,
+            marker: p.header.marker,
+            ext: p.header.ext_vals,
+            payload: p.payload,
+        })
+    }
+}

@@ -1,0 +1,134 @@
+//! A Calls session: one [`Peer`] plus the tracks it publishes and pulls.
+//!
+//! Pure bookkeeping; the owning [`crate::worker`] does I/O and routing between sessions.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
+use crate::forward::{KeyframePacer, SeqRewriter};
+use crate::peer::{CodecSpec, Kind, Mid, Peer};
+
+/// A track this session publishes (Calls `location: local`).
+#[derive(Debug)]
+pub(crate) struct Publication {
+    pub key: TrackKey,
+    pub track_name: String,
+    pub open: bool,
+    /// Last RTP packet, or publication time before the first one.
+    pub last_media: Instant,
+    pub pacer: KeyframePacer,
+    /// Workers with at least one subscriber, with their subscriber counts.
+    pub fanout: Vec<(WorkerIndex, u32)>,
+}
+
+/// A track this session pulls (Calls `location: remote`).
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub source: TrackKey,
+    pub source_worker: WorkerIndex,
+    pub source_session_id: String,
+    pub track_name: String,
+    pub open: bool,
+    pub rewriter: SeqRewriter,
+    /// Publisher codec → our payload type, cached.
+    pub pt: Option<(CodecSpec, u8)>,
+}
+
+impl Subscription {
+    pub fn new(item: PullItem) -> Subscription {
+        let step = match item.kind {
+            Kind::Audio => 960,
+            Kind::Video => 3000,
+        };
+        let first_seq: u16 = rand::random_range(1000..30000);
+        Subscription {
+            source: item.source,
+            source_worker: item.source_worker,
+            source_session_id: item.source_session_id,
+            track_name: item.track_name,
+            open: true,
+            rewriter: SeqRewriter::new(first_seq, rand::random(), step),
+            pt: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TrackSlot {
+    Published(Mid),
+    Pulled(Mid),
+}
+
+/// One Calls session.
+pub(crate) struct Session {
+    pub peer: Peer,
+    pub publications: HashMap<Mid, Publication>,
+    pub subscriptions: HashMap<Mid, Subscription>,
+    /// Every track in creation order (closed ones too: GET lists them as inactive).
+    pub order: Vec<TrackSlot>,
+    /// Pulls waiting for the answer to our offer.
+    pub pending_pulls: Vec<(Mid, PullItem)>,
+    /// Creation or last negotiation, for the never-connected timeout.
+    pub last_negotiation: Instant,
+    pub disconnected_since: Option<Instant>,
+    /// Client addresses ICE validated for this session.
+    pub addrs: Vec<SocketAddr>,
+    /// The peer's current deadline.
+    pub next_timeout: Option<Instant>,
+}
+
+impl Session {
+    pub fn new(peer: Peer, now: Instant) -> Session {
+        Session {
+            peer,
+            publications: HashMap::new(),
+            subscriptions: HashMap::new(),
+            order: Vec::new(),
+            pending_pulls: Vec::new(),
+            last_negotiation: now,
+            disconnected_since: None,
+            addrs: Vec::new(),
+            next_timeout: None,
+        }
+    }
+
+    /// The open publication with this name, if any.
+    pub fn published_mid(&self, track_name: &str) -> Option<Mid> {
+        self.publications
+            .iter()
+            .find(|(_, p)| p.open && p.track_name == track_name)
+            .map(|(mid, _)| *mid)
+    }
+
+    /// GET view.
+    pub fn track_states(&self) -> Vec<TrackState> {
+        self.order
+            .iter()
+            .filter_map(|slot| match slot {
+                TrackSlot::Published(mid) => self.publications.get(mid).map(|p| TrackState {
+                    local: true,
+                    mid: mid.to_string(),
+                    track_name: p.track_name.clone(),
+                    source_session_id: None,
+                    active: p.open,
+                }),
+                TrackSlot::Pulled(mid) => self.subscriptions.get(mid).map(|s| TrackState {
+                    local: false,
+                    mid: mid.to_string(),
+                    track_name: s.track_name.clone(),
+                    source_session_id: Some(s.source_session_id.clone()),
+                    active: s.open,
+                }),
+            })
+            .collect()
+    }
+
+    /// Records a slot once (a re-published mid keeps its place).
+    pub fn remember(&mut self, slot: TrackSlot) {
+        if !self.order.contains(&slot) {
+            self.order.push(slot);
+        }
+    }
+}

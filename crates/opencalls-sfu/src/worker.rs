@@ -1,0 +1,1111 @@
+//! Media workers: one OS thread per core, each owning its UDP sockets and its sessions.
+//!
+//! A worker waits on its sockets and its inbox (commands from the control plane, media and
+//! control messages from other workers) with `mio`. Per datagram it looks up the source
+//! address (known 5-tuple) or, for an unknown address, the STUN username's ufrag; anything
+//! else is dropped and counted before it reaches str0m. Timers sit in a binary heap, so
+//! only sessions whose deadline passed are woken.
+//!
+//! Forwarding: the publisher's worker sends one message per destination worker (never per
+//! subscriber); the destination fans the packet out to its own subscribers. Keyframe
+//! requests travel back the same way and are paced per publication.
+//!
+//! Invariant: no code path here visits every session per packet; only the housekeeping
+//! tick (twice a second) walks all sessions of one worker.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token, Waker};
+use str0m::rtp::ExtensionValues;
+
+use crate::command::*;
+use crate::peer::{CodecSpec, Kind, Mid, PeerError, PeerEvent, PeerOutput};
+use crate::session::{Publication, Session, Subscription, TrackSlot};
+use crate::stun;
+
+const WAKER: Token = Token(usize::MAX);
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+const MAX_DATAGRAM: usize = 2048;
+
+/// Where a worker listens.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Address to bind (worker k binds port + k unless the port is 0).
+    pub bind: SocketAddr,
+    /// Address to advertise in the host candidate (public IP behind 1:1 NAT).
+    pub advertise: IpAddr,
+}
+
+/// Lifetimes of things nobody closes explicitly (calls-api.md §8).
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// A session whose transport never came up, counted from its last negotiation.
+    pub unconnected: Duration,
+    /// A session whose client vanished.
+    pub disconnected: Duration,
+    /// A publication that receives no media.
+    pub track_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            unconnected: Duration::from_secs(30),
+            disconnected: Duration::from_secs(30),
+            track_idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// How the media plane is laid out.
+#[derive(Debug, Clone)]
+pub struct MediaConfig {
+    /// Number of worker threads.
+    pub workers: usize,
+    /// Sockets of each worker.
+    pub endpoints: Vec<Endpoint>,
+    /// Expiry rules.
+    pub timeouts: Timeouts,
+}
+
+/// Counters a worker keeps (read with relaxed loads, written only by the worker).
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Datagrams received.
+    pub rx_datagrams: AtomicU64,
+    /// Datagrams sent.
+    pub tx_datagrams: AtomicU64,
+    /// Datagrams dropped before str0m: unknown source and not a matching STUN request.
+    pub dropped_unknown: AtomicU64,
+    /// Datagrams str0m rejected.
+    pub dropped_invalid: AtomicU64,
+    /// Datagrams the kernel would not take.
+    pub dropped_send: AtomicU64,
+    /// RTP packets forwarded to subscribers.
+    pub forwarded_rtp: AtomicU64,
+    /// Sessions closed because of a panic.
+    pub crashed_sessions: AtomicU64,
+    /// Sessions currently on the worker.
+    pub sessions: AtomicUsize,
+}
+
+/// The control plane's handle on one worker.
+#[derive(Clone)]
+pub struct WorkerHandle {
+    index: WorkerIndex,
+    inbox: Sender<Msg>,
+    waker: Arc<Waker>,
+    candidates: Vec<SocketAddr>,
+    stats: Arc<WorkerStats>,
+}
+
+impl WorkerHandle {
+    /// This worker's index.
+    pub fn index(&self) -> WorkerIndex {
+        self.index
+    }
+
+    /// The host candidates sessions of this worker advertise.
+    pub fn candidates(&self) -> &[SocketAddr] {
+        &self.candidates
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// Queues a command. False if the worker has stopped.
+    pub fn send(&self, cmd: Command) -> bool {
+        self.post(Msg::Command(cmd))
+    }
+
+    fn post(&self, msg: Msg) -> bool {
+        if self.inbox.send(msg).is_err() {
+            return false;
+        }
+        self.waker.wake().is_ok()
+    }
+}
+
+/// All media workers of the process.
+pub struct MediaPlane {
+    workers: Vec<WorkerHandle>,
+    joins: Vec<JoinHandle<()>>,
+}
+
+impl MediaPlane {
+    /// Binds every worker's sockets and starts the threads.
+    pub fn start(config: MediaConfig, events: Sender<MediaEvent>) -> io::Result<MediaPlane> {
+        let n = config.workers.max(1);
+        let mut built = Vec::with_capacity(n);
+        for k in 0..n {
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+            let mut sockets = Vec::new();
+            for (i, ep) in config.endpoints.iter().enumerate() {
+                let mut bind = ep.bind;
+                if bind.port() != 0 {
+                    let port = u16::try_from(usize::from(bind.port()) + k).map_err(|_| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "UDP port out of range")
+                    })?;
+                    bind.set_port(port);
+                }
+                let mut sock = UdpSocket::bind(bind)?;
+                poll.registry()
+                    .register(&mut sock, Token(i), Interest::READABLE)?;
+                let advertised = SocketAddr::new(ep.advertise, sock.local_addr()?.port());
+                sockets.push((sock, advertised));
+            }
+            let (tx, rx) = crossbeam_channel::unbounded();
+            built.push((poll, waker, sockets, tx, rx));
+        }
+        let handles: Vec<WorkerHandle> = built
+            .iter()
+            .enumerate()
+            .map(|(k, (_, waker, sockets, tx, _))| WorkerHandle {
+                index: k,
+                inbox: tx.clone(),
+                waker: waker.clone(),
+                candidates: sockets.iter().map(|(_, a)| *a).collect(),
+                stats: Arc::new(WorkerStats::default()),
+            })
+            .collect();
+        let mut joins = Vec::new();
+        for (k, (poll, _, sockets, _, rx)) in built.into_iter().enumerate() {
+            let worker = Worker {
+                index: k,
+                poll,
+                sockets,
+                inbox: rx,
+                peers: handles.clone(),
+                events: events.clone(),
+                stats: handles[k].stats.clone(),
+                timeouts: config.timeouts.clone(),
+                sessions: HashMap::new(),
+                by_addr: HashMap::new(),
+                by_ufrag: HashMap::new(),
+                publications: HashMap::new(),
+                subscribers: HashMap::new(),
+                timers: BinaryHeap::new(),
+                deferred_keyframes: HashSet::new(),
+                queue: VecDeque::new(),
+                closing: Vec::new(),
+                running: true,
+            };
+            let join = std::thread::Builder::new()
+                .name(format!("media-{k}"))
+                .spawn(move || worker.run())?;
+            joins.push(join);
+        }
+        Ok(MediaPlane {
+            workers: handles,
+            joins,
+        })
+    }
+
+    /// Handles on the workers, by index.
+    pub fn workers(&self) -> &[WorkerHandle] {
+        &self.workers
+    }
+
+    /// Closes every session and joins the threads.
+    pub fn shutdown(self) {
+        for w in &self.workers {
+            w.post(Msg::Shutdown);
+        }
+        for j in self.joins {
+            let _ = j.join();
+        }
+    }
+}
+
+/// A packet on its way from a publication to subscribers on one worker.
+#[derive(Debug)]
+struct Forwarded {
+    codec: Option<CodecSpec>,
+    seq: u64,
+    rtp_time: u32,
+    marker: bool,
+    ext: ExtensionValues,
+    payload: Arc<[u8]>,
+}
+
+enum Msg {
+    Command(Command),
+    /// `worker` has its first subscriber of `track`.
+    Attach { track: TrackKey, worker: WorkerIndex },
+    /// `worker` lost its last subscriber of `track`.
+    Detach { track: TrackKey, worker: WorkerIndex },
+    Media { track: TrackKey, packet: Arc<Forwarded> },
+    Keyframe { track: TrackKey },
+    Unpublished { track: TrackKey },
+    Shutdown,
+}
+
+struct Worker {
+    index: WorkerIndex,
+    poll: Poll,
+    /// (socket, the address its host candidate advertises)
+    sockets: Vec<(UdpSocket, SocketAddr)>,
+    inbox: Receiver<Msg>,
+    peers: Vec<WorkerHandle>,
+    events: Sender<MediaEvent>,
+    stats: Arc<WorkerStats>,
+    timeouts: Timeouts,
+    sessions: HashMap<SessionKey, Session>,
+    by_addr: HashMap<SocketAddr, SessionKey>,
+    by_ufrag: HashMap<String, SessionKey>,
+    /// Publications owned by this worker.
+    publications: HashMap<TrackKey, (SessionKey, Mid)>,
+    /// Subscribers on this worker, by publication.
+    subscribers: HashMap<TrackKey, Vec<(SessionKey, Mid)>>,
+    timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
+    deferred_keyframes: HashSet<TrackKey>,
+    /// Peer events waiting to be acted on (draining one session may touch others).
+    queue: VecDeque<(SessionKey, PeerEvent)>,
+    closing: Vec<(SessionKey, CloseReason)>,
+    running: bool,
+}
+
+fn incr(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Header extensions that describe the media and so travel end to end; the others
+/// (transport-cc, abs-send-time, mid, rid) belong to one hop.
+fn end_to_end(ext: &ExtensionValues) -> ExtensionValues {
+    ExtensionValues {
+        audio_level: ext.audio_level,
+        voice_activity: ext.voice_activity,
+        video_orientation: ext.video_orientation,
+        abs_capture_time: ext.abs_capture_time,
+        ..Default::default()
+    }
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(64);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        while self.running {
+            let now = Instant::now();
+            let mut deadline = next_housekeeping;
+            if let Some(Reverse((t, _))) = self.timers.peek() {
+                deadline = deadline.min(*t);
+            }
+            let wait = deadline.saturating_duration_since(now);
+            if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(worker = self.index, "poll failed: {e}");
+                    break;
+                }
+            }
+            for i in 0..self.sockets.len() {
+                self.read_socket(i, &mut buf);
+            }
+            while let Ok(msg) = self.inbox.try_recv() {
+                self.handle_msg(msg);
+            }
+            let now = Instant::now();
+            self.fire_timers(now);
+            if now >= next_housekeeping {
+                self.housekeeping(now);
+                next_housekeeping = now + HOUSEKEEPING;
+            }
+            self.settle();
+        }
+        let keys: Vec<SessionKey> = self.sessions.keys().copied().collect();
+        for key in keys {
+            self.close_session(key, CloseReason::Shutdown);
+        }
+    }
+
+    fn read_socket(&mut self, i: usize, buf: &mut [u8]) {
+        loop {
+            let (n, source) = match self.sockets[i].0.recv_from(buf) {
+                Ok(v) => v,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // ICMP errors surface here on Linux; they concern one peer only.
+                Err(_) => continue,
+            };
+            incr(&self.stats.rx_datagrams);
+            let destination = self.sockets[i].1;
+            self.handle_datagram(source, destination, &buf[..n]);
+            self.settle();
+        }
+    }
+
+    fn handle_datagram(&mut self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
+        let key = match self.by_addr.get(&source) {
+            Some(k) => *k,
+            None => {
+                let found = stun::looks_like_stun(data)
+                    .then(|| stun::binding_request_ufrag(data))
+                    .flatten()
+                    .and_then(|ufrag| self.by_ufrag.get(ufrag).copied());
+                match found {
+                    Some(k) => k,
+                    None => {
+                        incr(&self.stats.dropped_unknown);
+                        return;
+                    }
+                }
+            }
+        };
+        let now = Instant::now();
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            session.peer.handle_receive(now, source, destination, data)
+        }));
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => incr(&self.stats.dropped_invalid),
+            Err(_) => {
+                self.closing.push((key, CloseReason::Crashed));
+                return;
+            }
+        }
+        self.drain(key);
+    }
+
+    /// Drains one session's output: sends datagrams, queues events, re-arms its timer.
+    fn drain(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        loop {
+            let out = match catch_unwind(AssertUnwindSafe(|| session.peer.poll())) {
+                Ok(Ok(out)) => out,
+                Ok(Err(e)) => {
+                    tracing::debug!(session = key.0, "peer failed: {e}");
+                    self.closing.push((key, CloseReason::Disconnected));
+                    return;
+                }
+                Err(_) => {
+                    self.closing.push((key, CloseReason::Crashed));
+                    return;
+                }
+            };
+            match out {
+                PeerOutput::Transmit {
+                    destination,
+                    source,
+                    contents,
+                } => {
+                    if stun::is_binding_success(&contents) && !session.addrs.contains(&destination)
+                    {
+                        // str0m answered a request whose integrity it checked: the address
+                        // belongs to this session from now on.
+                        session.addrs.push(destination);
+                        self.by_addr.insert(destination, key);
+                    }
+                    let sock = self
+                        .sockets
+                        .iter()
+                        .find(|(_, adv)| *adv == source)
+                        .or(self.sockets.first());
+                    if let Some((sock, _)) = sock {
+                        match sock.send_to(&contents, destination) {
+                            Ok(_) => incr(&self.stats.tx_datagrams),
+                            Err(_) => incr(&self.stats.dropped_send),
+                        }
+                    }
+                }
+                PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
+                PeerOutput::Timeout(t) => {
+                    if session.next_timeout != Some(t) {
+                        session.next_timeout = Some(t);
+                        self.timers.push(Reverse((t, key)));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Acts on queued events and closes crashed sessions until nothing is left.
+    fn settle(&mut self) {
+        loop {
+            if let Some((key, ev)) = self.queue.pop_front() {
+                self.handle_event(key, ev);
+            } else if let Some((key, reason)) = self.closing.pop() {
+                self.close_session(key, reason);
+            } else {
+                return;
+            }
+        }
+    }
+
+    fn fire_timers(&mut self, now: Instant) {
+        while let Some(Reverse((t, key))) = self.timers.peek().copied() {
+            if t > now {
+                return;
+            }
+            self.timers.pop();
+            let Some(session) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            if session.next_timeout != Some(t) {
+                continue; // superseded
+            }
+            session.next_timeout = None;
+            match catch_unwind(AssertUnwindSafe(|| session.peer.handle_timeout(now))) {
+                Ok(_) => self.drain(key),
+                Err(_) => self.closing.push((key, CloseReason::Crashed)),
+            }
+        }
+    }
+
+    fn housekeeping(&mut self, now: Instant) {
+        let t = self.timeouts.clone();
+        let mut idle_tracks = Vec::new();
+        for (key, s) in &self.sessions {
+            if !s.peer.was_connected() {
+                if now.saturating_duration_since(s.last_negotiation) > t.unconnected {
+                    self.closing.push((*key, CloseReason::NeverConnected));
+                }
+            } else if let Some(since) = s.disconnected_since {
+                if now.saturating_duration_since(since) > t.disconnected {
+                    self.closing.push((*key, CloseReason::Disconnected));
+                }
+            }
+            for (mid, p) in &s.publications {
+                if p.open && now.saturating_duration_since(p.last_media) > t.track_idle {
+                    idle_tracks.push((*key, *mid));
+                }
+            }
+        }
+        for (key, mid) in idle_tracks {
+            if let Some(name) = self.unpublish(key, mid) {
+                let _ = self.events.send(MediaEvent::PublicationClosed {
+                    key,
+                    track_name: name,
+                });
+            }
+        }
+        let deferred: Vec<TrackKey> = self.deferred_keyframes.iter().copied().collect();
+        for track in deferred {
+            self.keyframe_local(track, now, true);
+        }
+    }
+
+    fn handle_event(&mut self, key: SessionKey, ev: PeerEvent) {
+        let now = Instant::now();
+        match ev {
+            PeerEvent::Connected | PeerEvent::Reconnected => {
+                let Some(s) = self.sessions.get_mut(&key) else {
+                    return;
+                };
+                s.disconnected_since = None;
+                let wanted: Vec<(TrackKey, WorkerIndex)> = s
+                    .subscriptions
+                    .values()
+                    .filter(|sub| sub.open)
+                    .map(|sub| (sub.source, sub.source_worker))
+                    .collect();
+                for (track, w) in wanted {
+                    self.request_keyframe(track, w);
+                }
+            }
+            PeerEvent::Disconnected => {
+                if let Some(s) = self.sessions.get_mut(&key) {
+                    s.disconnected_since.get_or_insert(now);
+                }
+            }
+            PeerEvent::Rtp(p) => {
+                let Some(s) = self.sessions.get_mut(&key) else {
+                    return;
+                };
+                let Some(publication) = s.publications.get_mut(&p.mid) else {
+                    return;
+                };
+                if !publication.open {
+                    return;
+                }
+                publication.last_media = now;
+                let track = publication.key;
+                if publication.fanout.is_empty() {
+                    return;
+                }
+                let packet = Arc::new(Forwarded {
+                    codec: p.codec,
+                    seq: p.seq,
+                    rtp_time: p.rtp_time,
+                    marker: p.marker,
+                    ext: end_to_end(&p.ext),
+                    payload: p.payload,
+                });
+                for i in 0..publication.fanout.len() {
+                    let w = publication.fanout[i].0;
+                    if w != self.index {
+                        self.peers[w].post(Msg::Media {
+                            track,
+                            packet: packet.clone(),
+                        });
+                    }
+                }
+                let local = publication.fanout.iter().any(|(w, _)| *w == self.index);
+                if local {
+                    self.deliver(track, &packet, now);
+                }
+            }
+            PeerEvent::KeyframeRequest { mid, .. } => {
+                let Some(s) = self.sessions.get(&key) else {
+                    return;
+                };
+                if let Some(sub) = s.subscriptions.get(&mid).filter(|sub| sub.open) {
+                    let (track, w) = (sub.source, sub.source_worker);
+                    self.request_keyframe(track, w);
+                }
+            }
+        }
+    }
+
+    /// Fans one packet out to this worker's subscribers of `track`.
+    fn deliver(&mut self, track: TrackKey, packet: &Forwarded, now: Instant) {
+        let Some(subs) = self.subscribers.get_mut(&track) else {
+            return;
+        };
+        let subs = std::mem::take(subs);
+        for &(key, mid) in &subs {
+            let Some(s) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            let Some(sub) = s.subscriptions.get_mut(&mid) else {
+                continue;
+            };
+            let Some(codec) = packet.codec else {
+                continue;
+            };
+            let pt = match sub.pt {
+                Some((c, pt)) if c == codec => Some(pt),
+                _ => {
+                    let pt = s.peer.send_pt(mid, &codec);
+                    sub.pt = pt.map(|pt| (codec, pt));
+                    pt
+                }
+            };
+            let Some(pt) = pt else {
+                continue;
+            };
+            let Some((seq, ts)) = sub.rewriter.rewrite(packet.seq, packet.rtp_time) else {
+                continue;
+            };
+            let written = s.peer.write_rtp(
+                mid,
+                pt,
+                seq,
+                ts,
+                packet.marker,
+                packet.ext.clone(),
+                packet.payload.clone(),
+                now,
+            );
+            if written {
+                incr(&self.stats.forwarded_rtp);
+                self.drain(key);
+            }
+        }
+        if let Some(slot) = self.subscribers.get_mut(&track) {
+            // Nothing can subscribe while we deliver, but keep any additions anyway.
+            let added = std::mem::replace(slot, subs);
+            slot.extend(added);
+        }
+    }
+
+    fn request_keyframe(&mut self, track: TrackKey, source_worker: WorkerIndex) {
+        if source_worker == self.index {
+            self.keyframe_local(track, Instant::now(), false);
+        } else {
+            self.peers[source_worker].post(Msg::Keyframe { track });
+        }
+    }
+
+    /// A keyframe request for a publication of this worker, paced.
+    fn keyframe_local(&mut self, track: TrackKey, now: Instant, deferred: bool) {
+        let Some((key, mid)) = self.publications.get(&track).copied() else {
+            self.deferred_keyframes.remove(&track);
+            return;
+        };
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some(p) = s.publications.get_mut(&mid) else {
+            return;
+        };
+        let send = if deferred {
+            p.pacer.poll_deferred(now)
+        } else {
+            p.pacer.request(now)
+        };
+        if p.pacer.has_deferred() {
+            self.deferred_keyframes.insert(track);
+        } else {
+            self.deferred_keyframes.remove(&track);
+        }
+        if send {
+            s.peer.request_keyframe(mid, None, false);
+            self.drain(key);
+        }
+    }
+
+    fn handle_msg(&mut self, msg: Msg) {
+        match msg {
+            Msg::Command(cmd) => self.handle_command(cmd),
+            Msg::Attach { track, worker } => self.attach(track, worker),
+            Msg::Detach { track, worker } => self.detach(track, worker),
+            Msg::Media { track, packet } => self.deliver(track, &packet, Instant::now()),
+            Msg::Keyframe { track } => self.keyframe_local(track, Instant::now(), false),
+            Msg::Unpublished { track } => self.source_gone(track),
+            Msg::Shutdown => self.running = false,
+        }
+    }
+
+    /// `worker` now has subscribers of our publication `track`.
+    fn attach(&mut self, track: TrackKey, worker: WorkerIndex) {
+        let found = self.publications.get(&track).copied();
+        let Some((key, mid)) = found else {
+            self.tell(worker, Msg::Unpublished { track });
+            return;
+        };
+        if let Some(p) = self
+            .sessions
+            .get_mut(&key)
+            .and_then(|s| s.publications.get_mut(&mid))
+        {
+            match p.fanout.iter_mut().find(|(w, _)| *w == worker) {
+                Some((_, n)) => *n += 1,
+                None => p.fanout.push((worker, 1)),
+            }
+        }
+        self.keyframe_local(track, Instant::now(), false);
+    }
+
+    fn detach(&mut self, track: TrackKey, worker: WorkerIndex) {
+        let Some((key, mid)) = self.publications.get(&track).copied() else {
+            return;
+        };
+        if let Some(p) = self
+            .sessions
+            .get_mut(&key)
+            .and_then(|s| s.publications.get_mut(&mid))
+        {
+            if let Some(i) = p.fanout.iter().position(|(w, _)| *w == worker) {
+                p.fanout[i].1 -= 1;
+                if p.fanout[i].1 == 0 {
+                    p.fanout.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    /// Sends to a worker, or handles at once when it is this one.
+    fn tell(&mut self, worker: WorkerIndex, msg: Msg) {
+        if worker == self.index {
+            self.handle_msg(msg);
+        } else {
+            self.peers[worker].post(msg);
+        }
+    }
+
+    /// Our subscribers of `track` lose their source.
+    fn source_gone(&mut self, track: TrackKey) {
+        for (key, mid) in self.subscribers.remove(&track).unwrap_or_default() {
+            if let Some(sub) = self
+                .sessions
+                .get_mut(&key)
+                .and_then(|s| s.subscriptions.get_mut(&mid))
+            {
+                sub.open = false;
+            }
+        }
+    }
+
+    /// Closes publication `mid` of session `key`; returns its name if it was open.
+    fn unpublish(&mut self, key: SessionKey, mid: Mid) -> Option<String> {
+        let s = self.sessions.get_mut(&key)?;
+        let p = s.publications.get_mut(&mid)?;
+        if !p.open {
+            return None;
+        }
+        p.open = false;
+        let track = p.key;
+        let fanout = std::mem::take(&mut p.fanout);
+        let name = p.track_name.clone();
+        self.publications.remove(&track);
+        self.deferred_keyframes.remove(&track);
+        for (w, _) in fanout {
+            self.tell(w, Msg::Unpublished { track });
+        }
+        Some(name)
+    }
+
+    /// Ends subscription `mid` of session `key`.
+    fn unsubscribe(&mut self, key: SessionKey, mid: Mid) -> bool {
+        let Some(sub) = self
+            .sessions
+            .get_mut(&key)
+            .and_then(|s| s.subscriptions.get_mut(&mid))
+        else {
+            return false;
+        };
+        if !sub.open {
+            return false;
+        }
+        sub.open = false;
+        let (track, source_worker) = (sub.source, sub.source_worker);
+        if let Some(list) = self.subscribers.get_mut(&track) {
+            list.retain(|e| *e != (key, mid));
+            if list.is_empty() {
+                self.subscribers.remove(&track);
+            }
+        }
+        self.tell(
+            source_worker,
+            Msg::Detach {
+                track,
+                worker: self.index,
+            },
+        );
+        true
+    }
+
+    fn subscribe(&mut self, key: SessionKey, mid: Mid, item: PullItem) {
+        let (track, source_worker) = (item.source, item.source_worker);
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        s.subscriptions.insert(mid, Subscription::new(item));
+        s.remember(TrackSlot::Pulled(mid));
+        self.subscribers.entry(track).or_default().push((key, mid));
+        self.tell(
+            source_worker,
+            Msg::Attach {
+                track,
+                worker: self.index,
+            },
+        );
+    }
+
+    fn close_session(&mut self, key: SessionKey, reason: CloseReason) {
+        let Some(s) = self.sessions.get(&key) else {
+            return;
+        };
+        let pubs: Vec<Mid> = s.publications.keys().copied().collect();
+        let subs: Vec<Mid> = s.subscriptions.keys().copied().collect();
+        for mid in pubs {
+            self.unpublish(key, mid);
+        }
+        for mid in subs {
+            self.unsubscribe(key, mid);
+        }
+        let Some(mut s) = self.sessions.remove(&key) else {
+            return;
+        };
+        if reason == CloseReason::Crashed {
+            incr(&self.stats.crashed_sessions);
+        }
+        self.by_ufrag.remove(s.peer.ice_ufrag());
+        for addr in &s.addrs {
+            if self.by_addr.get(addr) == Some(&key) {
+                self.by_addr.remove(addr);
+            }
+        }
+        let _ = catch_unwind(AssertUnwindSafe(|| s.peer.disconnect()));
+        self.stats.sessions.store(self.sessions.len(), Ordering::Relaxed);
+        let _ = self.events.send(MediaEvent::SessionClosed { key, reason });
+    }
+
+    /// Runs `f` on a session's peer, turning a panic into a closed session.
+    fn with_session<T>(
+        &mut self,
+        key: SessionKey,
+        f: impl FnOnce(&mut Session) -> Result<T, SfuError>,
+    ) -> Result<T, SfuError> {
+        let s = self.sessions.get_mut(&key).ok_or(SfuError::SessionGone)?;
+        match catch_unwind(AssertUnwindSafe(|| f(s))) {
+            Ok(r) => r,
+            Err(_) => {
+                self.closing.push((key, CloseReason::Crashed));
+                Err(SfuError::Internal)
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        let now = Instant::now();
+        match cmd {
+            Command::AddSession {
+                key,
+                session_id: _,
+                peer,
+                offer,
+                reply,
+            } => {
+                self.by_ufrag.insert(peer.ice_ufrag().to_string(), key);
+                self.sessions.insert(key, Session::new(*peer, now));
+                self.stats.sessions.store(self.sessions.len(), Ordering::Relaxed);
+                let r = match offer {
+                    None => Ok(None),
+                    Some(sdp) => self
+                        .with_session(key, |s| s.peer.accept_offer(&sdp).map_err(sdp_error))
+                        .map(Some),
+                };
+                if r.is_err() {
+                    // A session that could not take its first offer is of no use.
+                    self.closing.push((key, CloseReason::NeverConnected));
+                }
+                reply(r);
+                self.drain(key);
+            }
+            Command::Push {
+                key,
+                offer,
+                items,
+                auto_discover,
+                reply,
+            } => {
+                let r = self.push(key, &offer, items, auto_discover, now);
+                reply(r);
+                self.drain(key);
+            }
+            Command::Pull { key, items, reply } => {
+                let r = self.with_session(key, |s| {
+                    if s.peer.has_pending_offer() {
+                        return Err(SfuError::OfferPending);
+                    }
+                    let medias: Vec<crate::peer::NewMedia> = items
+                        .iter()
+                        .filter_map(|i| i.as_ref().ok())
+                        .map(|i| crate::peer::NewMedia {
+                            kind: i.kind,
+                            send_recv: false,
+                            stream_id: i.source_session_id.clone(),
+                            track_id: i.track_name.clone(),
+                        })
+                        .collect();
+                    if medias.is_empty() {
+                        let mids = items.into_iter().map(|i| i.map(|_| String::new())).collect();
+                        return Ok(PullOutcome { offer: None, mids });
+                    }
+                    let (offer, new_mids) = s.peer.create_offer(&medias).map_err(sdp_error)?;
+                    let mut new_mids = new_mids.into_iter();
+                    let mut mids = Vec::with_capacity(items.len());
+                    s.pending_pulls.clear();
+                    for item in items {
+                        match item {
+                            Ok(item) => {
+                                let mid = new_mids.next().ok_or(SfuError::Internal)?;
+                                mids.push(Ok(mid.to_string()));
+                                s.pending_pulls.push((mid, item));
+                            }
+                            Err(e) => mids.push(Err(e)),
+                        }
+                    }
+                    s.last_negotiation = now;
+                    Ok(PullOutcome {
+                        offer: Some(offer),
+                        mids,
+                    })
+                });
+                reply(r);
+            }
+            Command::Answer { key, sdp, reply } => {
+                let r = self.with_session(key, |s| {
+                    if !s.peer.has_pending_offer() {
+                        return Err(SfuError::NoPendingOffer);
+                    }
+                    let accepted = s.peer.accept_answer(&sdp);
+                    let pulls = std::mem::take(&mut s.pending_pulls);
+                    accepted.map_err(sdp_error)?;
+                    s.last_negotiation = now;
+                    Ok(pulls)
+                });
+                let r = r.map(|pulls| {
+                    for (mid, item) in pulls {
+                        self.subscribe(key, mid, item);
+                    }
+                });
+                reply(r);
+                self.drain(key);
+            }
+            Command::Close {
+                key,
+                mids,
+                offer,
+                reply,
+            } => {
+                let r = self.close_tracks(key, mids, offer.as_deref());
+                reply(r);
+                self.drain(key);
+            }
+            Command::Get { key, reply } => {
+                let r = self
+                    .sessions
+                    .get(&key)
+                    .map(|s| s.track_states())
+                    .ok_or(SfuError::SessionGone);
+                reply(r);
+            }
+        }
+    }
+
+    fn push(
+        &mut self,
+        key: SessionKey,
+        offer: &str,
+        items: Vec<PushItem>,
+        auto_discover: bool,
+        now: Instant,
+    ) -> Result<PushOutcome, SfuError> {
+        let answer = self.with_session(key, |s| {
+            if s.peer.has_pending_offer() {
+                return Err(SfuError::OfferPending);
+            }
+            let answer = s.peer.accept_offer(offer).map_err(sdp_error)?;
+            s.last_negotiation = now;
+            Ok(answer)
+        })?;
+        let s = self.sessions.get_mut(&key).ok_or(SfuError::SessionGone)?;
+        let mut wanted: Vec<(Mid, String, bool)> = items
+            .into_iter()
+            .map(|i| (Mid::from(i.mid.as_str()), i.track_name, false))
+            .collect();
+        if auto_discover {
+            for (mid, _) in s.peer.receiving_mids(&offer_mids(offer)) {
+                let taken = s.publications.get(&mid).is_some_and(|p| p.open)
+                    || wanted.iter().any(|(m, _, _)| *m == mid);
+                if !taken {
+                    wanted.push((mid, random_hex(16), true));
+                }
+            }
+        }
+        let mut tracks = Vec::with_capacity(wanted.len());
+        let mut new_pubs = Vec::new();
+        for (mid, track_name, _) in wanted {
+            let result = match s.peer.media(mid) {
+                Some((kind, true)) => {
+                    let existing = s.publications.get(&mid).filter(|p| p.open);
+                    match (existing, s.published_mid(&track_name)) {
+                        // The same track pushed again (a client retry): same publication.
+                        (Some(p), _) if p.track_name == track_name => Ok(published(mid, p, kind)),
+                        (_, Some(_)) => Err(ItemError::RepeatedTrackName),
+                        (Some(_), None) => Err(ItemError::RepeatedTrackName),
+                        (None, None) => {
+                            let p = Publication {
+                                key: TrackKey::next(),
+                                track_name: track_name.clone(),
+                                open: true,
+                                last_media: now,
+                                pacer: Default::default(),
+                                fanout: Vec::new(),
+                            };
+                            let out = published(mid, &p, kind);
+                            new_pubs.push((p.key, mid));
+                            s.publications.insert(mid, p);
+                            s.remember(TrackSlot::Published(mid));
+                            Ok(out)
+                        }
+                    }
+                }
+                _ => Err(ItemError::MidNotFound(mid.to_string())),
+            };
+            tracks.push(result.map_err(|e| (track_name, e)));
+        }
+        for (track, mid) in new_pubs {
+            self.publications.insert(track, (key, mid));
+        }
+        Ok(PushOutcome { answer, tracks })
+    }
+
+    fn close_tracks(
+        &mut self,
+        key: SessionKey,
+        mids: Vec<String>,
+        offer: Option<&str>,
+    ) -> Result<CloseOutcome, SfuError> {
+        let answer = match offer {
+            None => {
+                if !self.sessions.contains_key(&key) {
+                    return Err(SfuError::SessionGone);
+                }
+                None
+            }
+            Some(sdp) => Some(self.with_session(key, |s| {
+                if s.peer.has_pending_offer() {
+                    return Err(SfuError::OfferPending);
+                }
+                s.peer.accept_offer(sdp).map_err(sdp_error)
+            })?),
+        };
+        let mut results = Vec::with_capacity(mids.len());
+        let mut unpublished = Vec::new();
+        for mid in mids {
+            let mid = Mid::from(mid.as_str());
+            if let Some(name) = self.unpublish(key, mid) {
+                unpublished.push(name);
+                results.push(Ok(()));
+            } else if self.unsubscribe(key, mid) {
+                results.push(Ok(()));
+            } else {
+                results.push(Err(ItemError::AlreadyClosed));
+            }
+        }
+        Ok(CloseOutcome {
+            answer,
+            results,
+            unpublished,
+        })
+    }
+}
+
+fn published(mid: Mid, p: &Publication, kind: Kind) -> Published {
+    Published {
+        mid: mid.to_string(),
+        track_name: p.track_name.clone(),
+        key: p.key,
+        kind,
+    }
+}
+
+fn sdp_error(e: PeerError) -> SfuError {
+    match e {
+        PeerError::Sdp(s) => SfuError::Sdp(s),
+        PeerError::NoPendingOffer => SfuError::NoPendingOffer,
+        PeerError::Internal(s) => SfuError::Sdp(s),
+    }
+}
+
+/// The `a=mid:` values of an SDP, in order.
+fn offer_mids(sdp: &str) -> Vec<Mid> {
+    sdp.lines()
+        .filter_map(|l| l.trim_end().strip_prefix("a=mid:"))
+        .map(Mid::from)
+        .collect()
+}
+
+/// `n` random lowercase hex characters.
+pub fn random_hex(n: usize) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(n);
+    while s.len() < n {
+        let _ = write!(s, "{:02x}", rand::random::<u8>());
+    }
+    s.truncate(n);
+    s
+}
