@@ -226,6 +226,8 @@ mod tests {
         let d: SessionDescription =
             serde_json::from_str(r#"{"type":"offer","sdp":"v=0"}"#).unwrap();
         assert_eq!(d.kind, SdpType::Offer);
-        assert!(serde_json::from_str::<SessionDescription>(r#"{"type":"pranswer","sdp":""}"#).is_err());
+        assert!(
+            serde_json::from_str::<SessionDescription>(r#"{"type":"pranswer","sdp":""}"#).is_err()
+        );
     }
 }

@@ -89,7 +89,10 @@ impl AppStore {
             return AuthResult::UnknownApp;
         };
         let given = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .unwrap_or("");
         if bool::from(given.as_bytes().ct_eq(app.secret.as_bytes())) {
@@ -125,11 +128,20 @@ mod tests {
     #[test]
     fn authorize_checks_app_then_secret() {
         let s = AppStore::from_specs(&["a1:s3cret".into()]).unwrap();
-        assert_eq!(s.authorize("nope", Some("Bearer s3cret")), AuthResult::UnknownApp);
+        assert_eq!(
+            s.authorize("nope", Some("Bearer s3cret")),
+            AuthResult::UnknownApp
+        );
         assert_eq!(s.authorize("a1", None), AuthResult::BadSecret);
-        assert_eq!(s.authorize("a1", Some("Bearer s3cre")), AuthResult::BadSecret);
+        assert_eq!(
+            s.authorize("a1", Some("Bearer s3cre")),
+            AuthResult::BadSecret
+        );
         assert_eq!(s.authorize("a1", Some("s3cret")), AuthResult::BadSecret);
-        assert_eq!(s.authorize("a1", Some("Bearer s3cret")), AuthResult::Allowed);
+        assert_eq!(
+            s.authorize("a1", Some("Bearer s3cret")),
+            AuthResult::Allowed
+        );
     }
 
     #[test]

@@ -64,11 +64,19 @@ fn endpoints(config: &ServeConfig) -> Vec<Endpoint> {
         }];
     }
     if let Some(ip) = config.public_ip {
-        return vec![Endpoint { bind, advertise: ip }];
+        return vec![Endpoint {
+            bind,
+            advertise: ip,
+        }];
     }
     // One socket per local IPv4 address, so every packet's destination is known exactly.
     let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
-        .map(|v| v.into_iter().map(|i| i.ip()).filter(IpAddr::is_ipv4).collect())
+        .map(|v| {
+            v.into_iter()
+                .map(|i| i.ip())
+                .filter(IpAddr::is_ipv4)
+                .collect()
+        })
         .unwrap_or_default();
     ips.sort();
     ips.dedup();

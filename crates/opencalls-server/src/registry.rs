@@ -81,7 +81,12 @@ impl Registry {
     }
 
     /// Finds a publication of `app`.
-    pub fn publication(&self, app: &str, session_id: &str, track_name: &str) -> Option<PublicationEntry> {
+    pub fn publication(
+        &self,
+        app: &str,
+        session_id: &str,
+        track_name: &str,
+    ) -> Option<PublicationEntry> {
         let s = self.sessions.get(session_id)?;
         if s.app != app || s.closed.is_some() {
             return None;
@@ -111,6 +116,9 @@ impl Registry {
 
     /// Number of open sessions.
     pub fn open_sessions(&self) -> usize {
-        self.sessions.values().filter(|e| e.closed.is_none()).count()
+        self.sessions
+            .values()
+            .filter(|e| e.closed.is_none())
+            .count()
     }
 }

@@ -15,4 +15,6 @@ pub mod worker;
 
 pub use command::*;
 pub use peer::{Certificate, Kind, Peer, PeerConfig};
-pub use worker::{random_hex, Endpoint, MediaConfig, MediaPlane, Timeouts, WorkerHandle, WorkerStats};
+pub use worker::{
+    random_hex, Endpoint, MediaConfig, MediaPlane, Timeouts, WorkerHandle, WorkerStats,
+};

@@ -126,6 +126,9 @@ pub struct RtpIn {
 }
 
 /// Something the peer tells its owner.
+// RTP events dominate and are moved straight into the forwarder; boxing them would cost
+// an allocation per packet.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum PeerEvent {
     /// ICE and DTLS are up: media can flow.
@@ -146,6 +149,8 @@ pub enum PeerEvent {
 }
 
 /// What [`Peer::poll`] yields.
+// Same reason as PeerEvent: no per-packet boxing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum PeerOutput {
     /// A datagram to send.
@@ -215,7 +220,8 @@ impl Peer {
             .set_stats_interval(None)
             .build(now);
         for addr in &config.candidates {
-            let c = Candidate::host(*addr, "udp").map_err(|e| PeerError::Internal(e.to_string()))?;
+            let c =
+                Candidate::host(*addr, "udp").map_err(|e| PeerError::Internal(e.to_string()))?;
             rtc.add_local_candidate(c);
         }
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;

@@ -244,12 +244,25 @@ struct Forwarded {
 enum Msg {
     Command(Command),
     /// `worker` has its first subscriber of `track`.
-    Attach { track: TrackKey, worker: WorkerIndex },
+    Attach {
+        track: TrackKey,
+        worker: WorkerIndex,
+    },
     /// `worker` lost its last subscriber of `track`.
-    Detach { track: TrackKey, worker: WorkerIndex },
-    Media { track: TrackKey, packet: Arc<Forwarded> },
-    Keyframe { track: TrackKey },
-    Unpublished { track: TrackKey },
+    Detach {
+        track: TrackKey,
+        worker: WorkerIndex,
+    },
+    Media {
+        track: TrackKey,
+        packet: Arc<Forwarded>,
+    },
+    Keyframe {
+        track: TrackKey,
+    },
+    Unpublished {
+        track: TrackKey,
+    },
     Shutdown,
 }
 
@@ -827,7 +840,9 @@ impl Worker {
             }
         }
         let _ = catch_unwind(AssertUnwindSafe(|| s.peer.disconnect()));
-        self.stats.sessions.store(self.sessions.len(), Ordering::Relaxed);
+        self.stats
+            .sessions
+            .store(self.sessions.len(), Ordering::Relaxed);
         let _ = self.events.send(MediaEvent::SessionClosed { key, reason });
     }
 
@@ -859,7 +874,9 @@ impl Worker {
             } => {
                 self.by_ufrag.insert(peer.ice_ufrag().to_string(), key);
                 self.sessions.insert(key, Session::new(*peer, now));
-                self.stats.sessions.store(self.sessions.len(), Ordering::Relaxed);
+                self.stats
+                    .sessions
+                    .store(self.sessions.len(), Ordering::Relaxed);
                 let r = match offer {
                     None => Ok(None),
                     Some(sdp) => self
@@ -900,7 +917,10 @@ impl Worker {
                         })
                         .collect();
                     if medias.is_empty() {
-                        let mids = items.into_iter().map(|i| i.map(|_| String::new())).collect();
+                        let mids = items
+                            .into_iter()
+                            .map(|i| i.map(|_| String::new()))
+                            .collect();
                         return Ok(PullOutcome { offer: None, mids });
                     }
                     let (offer, new_mids) = s.peer.create_offer(&medias).map_err(sdp_error)?;

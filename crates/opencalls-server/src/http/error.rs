@@ -25,22 +25,38 @@ impl ApiError {
 
     /// 401.
     pub fn unauthorized() -> ApiError {
-        Self::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, "Unauthorized")
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            ErrorCode::Unauthorized,
+            "Unauthorized",
+        )
     }
 
     /// 404 for an unknown app, session or path.
     pub fn not_found(what: &str) -> ApiError {
-        Self::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, format!("{what} not found"))
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            format!("{what} not found"),
+        )
     }
 
     /// 400: not JSON, or not the expected shape.
     pub fn decoding(description: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::BAD_REQUEST, ErrorCode::DecodingError, description)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::DecodingError,
+            description,
+        )
     }
 
     /// 406: fields that make no sense together.
     pub fn invalid_params(description: impl Into<String>) -> ApiError {
-        Self::new(StatusCode::NOT_ACCEPTABLE, ErrorCode::InvalidParams, description)
+        Self::new(
+            StatusCode::NOT_ACCEPTABLE,
+            ErrorCode::InvalidParams,
+            description,
+        )
     }
 
     /// 406: SDP problems and negotiation out of order.

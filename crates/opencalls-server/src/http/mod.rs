@@ -29,9 +29,18 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 pub fn router(control: Arc<Control>) -> Router {
     let api = Router::new()
         .route("/sessions/new", post(sessions::new_session))
-        .route("/sessions/{session_id}/tracks/new", post(sessions::new_tracks))
-        .route("/sessions/{session_id}/renegotiate", put(sessions::renegotiate))
-        .route("/sessions/{session_id}/tracks/close", put(sessions::close_tracks))
+        .route(
+            "/sessions/{session_id}/tracks/new",
+            post(sessions::new_tracks),
+        )
+        .route(
+            "/sessions/{session_id}/renegotiate",
+            put(sessions::renegotiate),
+        )
+        .route(
+            "/sessions/{session_id}/tracks/close",
+            put(sessions::close_tracks),
+        )
         .route("/sessions/{session_id}", get(sessions::get_session));
     Router::new()
         .nest("/v1/apps/{app_id}", api.clone())
@@ -43,7 +52,10 @@ pub fn router(control: Arc<Control>) -> Router {
 }
 
 async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"})))
+    (
+        StatusCode::OK,
+        axum::Json(serde_json::json!({"status": "ok"})),
+    )
 }
 
 async fn fallback() -> ApiError {
@@ -67,7 +79,10 @@ async fn cors(req: Request, next: Next) -> Response {
             .cloned()
             .unwrap_or_else(|| HeaderValue::from_static("authorization, content-type"));
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, allow_headers);
-        h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("86400"),
+        );
         add_cors(h, origin);
         return res;
     }
@@ -85,7 +100,11 @@ fn add_cors(h: &mut HeaderMap, origin: Option<HeaderValue>) {
 }
 
 /// Checks the bearer secret for the app in the path.
-pub(crate) fn authorize(control: &Control, app_id: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn authorize(
+    control: &Control,
+    app_id: &str,
+    headers: &HeaderMap,
+) -> Result<(), ApiError> {
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());

@@ -37,7 +37,9 @@ fn open_session(
 fn offer_sdp(desc: &SessionDescription) -> ApiResult<&str> {
     match desc.kind {
         SdpType::Offer => Ok(&desc.sdp),
-        SdpType::Answer => Err(ApiError::invalid_sdp("expected a session description of type offer")),
+        SdpType::Answer => Err(ApiError::invalid_sdp(
+            "expected a session description of type offer",
+        )),
     }
 }
 
@@ -156,7 +158,9 @@ async fn push(
     let mut items = Vec::with_capacity(tracks.len());
     for t in tracks {
         let (Some(mid), Some(track_name)) = (t.mid, t.track_name) else {
-            return Err(ApiError::invalid_params("local tracks need mid and trackName"));
+            return Err(ApiError::invalid_params(
+                "local tracks need mid and trackName",
+            ));
         };
         if mid.is_empty() || mid.len() > MAX_MID_LEN || track_name.is_empty() {
             return Err(ApiError::invalid_params(format!(

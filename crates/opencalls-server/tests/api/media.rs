@@ -1,0 +1,133 @@
+//! Push → pull → media: what arrives is what was published, continuously numbered.
+
+use std::time::Duration;
+
+use opencalls_testkit::{pump, ClientPeer};
+use str0m::format::Codec;
+use str0m::media::MediaKind;
+
+use crate::support::*;
+
+fn push_pull_forwards(workers: usize) {
+    let ts = TestServer::start(workers);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Audio, MediaKind::Video], "a");
+    let b_session = api.new_session();
+    let mut b = ClientPeer::new();
+    let mids = pull(api, &b_session, &mut b, &[(&a.session, &a.names[1])]);
+    let per_worker: Vec<usize> = ts
+        .server()
+        .control()
+        .workers()
+        .iter()
+        .map(|w| {
+            w.stats()
+                .sessions
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .collect();
+    if workers == 2 {
+        assert_eq!(
+            per_worker,
+            vec![1, 1],
+            "publisher and subscriber on different workers"
+        );
+    }
+    assert!(
+        pump(&mut [&mut a.peer, &mut b], Duration::from_secs(5), |p| p[1]
+            .connected),
+        "subscriber connects"
+    );
+    // A new subscriber makes the SFU ask the publisher for a keyframe.
+    assert!(
+        pump(&mut [&mut a.peer, &mut b], Duration::from_secs(3), |p| {
+            p[0].keyframe_requests.contains(&a.mids[1])
+        }),
+        "publisher gets a keyframe request when the subscriber attaches"
+    );
+
+    let pt = a.peer.pt(Codec::Vp8);
+    let sent = stream(&mut a.peer, &mut [&mut b], a.mids[1], pt, 65_000, 60);
+    pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_millis(500),
+        |p| p[1].received.len() >= sent.len(),
+    );
+    let got = b.received_on(mids[0]);
+    assert!(got.len() >= 55, "received {} of {}", got.len(), sent.len());
+    // Payload bytes are forwarded untouched and in order.
+    let payloads: Vec<Vec<u8>> = got.iter().map(|r| r.payload.to_vec()).collect();
+    let first = sent
+        .iter()
+        .position(|p| *p == payloads[0])
+        .expect("first payload was sent");
+    for (i, p) in payloads.iter().enumerate() {
+        assert_eq!(p, &sent[first + i], "payload {i}");
+    }
+    // Sequence numbers are continuous for the subscriber, across the publisher's 16-bit wrap.
+    for w in got.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq + 1, "continuous sequence numbers");
+        assert_eq!(w[1].rtp_time.wrapping_sub(w[0].rtp_time), 3000);
+    }
+    // The subscriber's m-line carries the publisher's codec.
+    let vp8 = b.pt(Codec::Vp8);
+    assert!(got.iter().all(|r| r.pt == vp8));
+    // Nothing of the audio track reaches B: it did not pull it.
+    assert_eq!(b.received.len(), got.len());
+
+    // PLI from the subscriber reaches the publisher (after the pacing interval).
+    std::thread::sleep(Duration::from_millis(600));
+    let before = a.peer.keyframe_requests.len();
+    b.request_keyframe(mids[0]);
+    assert!(
+        pump(&mut [&mut a.peer, &mut b], Duration::from_secs(3), |p| {
+            p[0].keyframe_requests.len() > before
+        }),
+        "subscriber PLI reaches the publisher"
+    );
+}
+
+#[test]
+fn push_pull_forwards_on_one_worker() {
+    push_pull_forwards(1);
+}
+
+#[test]
+fn push_pull_forwards_across_workers() {
+    // Two sessions land on different workers (placement balances by session count).
+    push_pull_forwards(2);
+}
+
+#[test]
+fn audio_fans_out_to_many_subscribers() {
+    let ts = TestServer::start(2);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Audio], "mic");
+    let mut subs: Vec<(ClientPeer, str0m::media::Mid)> = (0..3)
+        .map(|_| {
+            let s = api.new_session();
+            let mut p = ClientPeer::new();
+            let mids = pull(api, &s, &mut p, &[(&a.session, &a.names[0])]);
+            (p, mids[0])
+        })
+        .collect();
+    {
+        let mut all: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
+        all.push(&mut a.peer);
+        assert!(pump(&mut all, Duration::from_secs(5), |p| p
+            .iter()
+            .all(|c| c.connected)));
+    }
+    let pt = a.peer.pt(Codec::Opus);
+    let mut others: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
+    let sent = stream(&mut a.peer, &mut others, a.mids[0], pt, 10, 40);
+    for (p, mid) in &subs {
+        let got = p.received_on(*mid);
+        assert!(
+            got.len() >= 35,
+            "each subscriber hears the publisher ({})",
+            got.len()
+        );
+        assert!(got.iter().all(|r| sent.contains(&r.payload.to_vec())));
+    }
+}
