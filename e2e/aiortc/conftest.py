@@ -1,0 +1,70 @@
+"""Fixtures: an opencalls server on loopback, and a Calls API client for it."""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+
+import aioice.ice
+import pytest
+
+# aioice skips loopback addresses; the server and these peers live on 127.0.0.1 only.
+aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+
+APP = "e2eaiortc0000000000000000000000"
+SECRET = "e2e-secret"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Api:
+    def __init__(self, base):
+        self.base = base
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"{self.base}/apps/{APP}/{path}",
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {SECRET}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def api():
+    binary = os.environ.get("OPENCALLS_BIN", os.path.join(os.path.dirname(__file__), "../../target/debug/opencalls"))
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "serve", "--http", f"127.0.0.1:{port}", "--udp", "127.0.0.1:0",
+         "--app", f"{APP}:{SECRET}", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("opencalls did not start")
+            time.sleep(0.1)
+    yield Api(base)
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
