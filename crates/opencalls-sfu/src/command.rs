@@ -119,6 +119,8 @@ pub struct PullItem {
     pub source_session_id: String,
     /// Publication's track name.
     pub track_name: String,
+    /// Simulcast layer to forward (`simulcast.preferredRid`); default: the first seen.
+    pub preferred_rid: Option<String>,
 }
 
 /// What a pull did.

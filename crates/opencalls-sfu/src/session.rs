@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
 use crate::forward::{KeyframePacer, SeqRewriter};
-use crate::peer::{CodecSpec, Kind, Mid, Peer};
+use crate::peer::{CodecSpec, Kind, Mid, Peer, Rid};
 
 /// A track this session publishes (Calls `location: local`).
 #[derive(Debug)]
@@ -32,12 +32,16 @@ pub(crate) struct Subscription {
     pub track_name: String,
     pub open: bool,
     pub rewriter: SeqRewriter,
+    /// Simulcast layer this subscriber gets (chosen at its first simulcast packet).
+    pub layer: Option<Rid>,
+    preferred: Option<Rid>,
     /// Publisher codec → our payload type, cached.
     pub pt: Option<(CodecSpec, u8)>,
 }
 
 impl Subscription {
     pub fn new(item: PullItem) -> Subscription {
+        let preferred = item.preferred_rid.clone();
         let step = match item.kind {
             Kind::Audio => 960,
             Kind::Video => 3000,
@@ -47,10 +51,23 @@ impl Subscription {
             source: item.source,
             source_worker: item.source_worker,
             source_session_id: item.source_session_id,
-            track_name: item.track_name,
+            track_name: item.track_name.clone(),
             open: true,
             rewriter: SeqRewriter::new(first_seq, rand::random(), step),
+            layer: None,
+            preferred: preferred.as_deref().map(Rid::from),
             pt: None,
+        }
+    }
+}
+
+impl Subscription {
+    /// Whether a packet of simulcast layer `rid` is for this subscriber. The first layer
+    /// seen (or the preferred one) is kept; other layers are dropped.
+    pub fn wants_layer(&mut self, rid: Option<Rid>) -> bool {
+        match rid {
+            None => true,
+            Some(rid) => *self.layer.get_or_insert(self.preferred.unwrap_or(rid)) == rid,
         }
     }
 }
@@ -130,5 +147,37 @@ impl Session {
         if !self.order.contains(&slot) {
             self.order.push(slot);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(preferred: Option<&str>) -> PullItem {
+        PullItem {
+            source: TrackKey(1),
+            source_worker: 0,
+            kind: Kind::Video,
+            source_session_id: "s".into(),
+            track_name: "t".into(),
+            preferred_rid: preferred.map(String::from),
+        }
+    }
+
+    #[test]
+    fn one_simulcast_layer_per_subscriber() {
+        let mut s = Subscription::new(item(None));
+        assert!(s.wants_layer(None), "non-simulcast packets always pass");
+        assert!(
+            s.wants_layer(Some(Rid::from("q"))),
+            "first layer seen is kept"
+        );
+        assert!(!s.wants_layer(Some(Rid::from("h"))));
+        assert!(s.wants_layer(Some(Rid::from("q"))));
+
+        let mut p = Subscription::new(item(Some("h")));
+        assert!(!p.wants_layer(Some(Rid::from("q"))), "preferred layer wins");
+        assert!(p.wants_layer(Some(Rid::from("h"))));
     }
 }

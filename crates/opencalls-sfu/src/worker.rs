@@ -29,7 +29,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use str0m::rtp::ExtensionValues;
 
 use crate::command::*;
-use crate::peer::{CodecSpec, Kind, Mid, PeerError, PeerEvent, PeerOutput};
+use crate::peer::{CodecSpec, Kind, Mid, PeerError, PeerEvent, PeerOutput, Rid};
 use crate::session::{Publication, Session, Subscription, TrackSlot};
 use crate::stun;
 
@@ -234,6 +234,7 @@ impl MediaPlane {
 #[derive(Debug)]
 struct Forwarded {
     codec: Option<CodecSpec>,
+    rid: Option<Rid>,
     seq: u64,
     rtp_time: u32,
     marker: bool,
@@ -259,6 +260,7 @@ enum Msg {
     },
     Keyframe {
         track: TrackKey,
+        rid: Option<Rid>,
     },
     Unpublished {
         track: TrackKey,
@@ -513,7 +515,7 @@ impl Worker {
         }
         let deferred: Vec<TrackKey> = self.deferred_keyframes.iter().copied().collect();
         for track in deferred {
-            self.keyframe_local(track, now, true);
+            self.keyframe_local(track, None, now, true);
         }
     }
 
@@ -525,14 +527,14 @@ impl Worker {
                     return;
                 };
                 s.disconnected_since = None;
-                let wanted: Vec<(TrackKey, WorkerIndex)> = s
+                let wanted: Vec<(TrackKey, Option<Rid>, WorkerIndex)> = s
                     .subscriptions
                     .values()
                     .filter(|sub| sub.open)
-                    .map(|sub| (sub.source, sub.source_worker))
+                    .map(|sub| (sub.source, sub.layer, sub.source_worker))
                     .collect();
-                for (track, w) in wanted {
-                    self.request_keyframe(track, w);
+                for (track, rid, w) in wanted {
+                    self.request_keyframe(track, rid, w);
                 }
             }
             PeerEvent::Disconnected => {
@@ -557,6 +559,7 @@ impl Worker {
                 }
                 let packet = Arc::new(Forwarded {
                     codec: p.codec,
+                    rid: p.rid,
                     seq: p.seq,
                     rtp_time: p.rtp_time,
                     marker: p.marker,
@@ -582,8 +585,8 @@ impl Worker {
                     return;
                 };
                 if let Some(sub) = s.subscriptions.get(&mid).filter(|sub| sub.open) {
-                    let (track, w) = (sub.source, sub.source_worker);
-                    self.request_keyframe(track, w);
+                    let (track, rid, w) = (sub.source, sub.layer, sub.source_worker);
+                    self.request_keyframe(track, rid, w);
                 }
             }
         }
@@ -605,6 +608,9 @@ impl Worker {
             let Some(codec) = packet.codec else {
                 continue;
             };
+            if !sub.wants_layer(packet.rid) {
+                continue;
+            }
             let pt = match sub.pt {
                 Some((c, pt)) if c == codec => Some(pt),
                 _ => {
@@ -641,16 +647,16 @@ impl Worker {
         }
     }
 
-    fn request_keyframe(&mut self, track: TrackKey, source_worker: WorkerIndex) {
+    fn request_keyframe(&mut self, track: TrackKey, rid: Option<Rid>, source_worker: WorkerIndex) {
         if source_worker == self.index {
-            self.keyframe_local(track, Instant::now(), false);
+            self.keyframe_local(track, rid, Instant::now(), false);
         } else {
-            self.peers[source_worker].post(Msg::Keyframe { track });
+            self.peers[source_worker].post(Msg::Keyframe { track, rid });
         }
     }
 
     /// A keyframe request for a publication of this worker, paced.
-    fn keyframe_local(&mut self, track: TrackKey, now: Instant, deferred: bool) {
+    fn keyframe_local(&mut self, track: TrackKey, rid: Option<Rid>, now: Instant, deferred: bool) {
         let Some((key, mid)) = self.publications.get(&track).copied() else {
             self.deferred_keyframes.remove(&track);
             return;
@@ -672,7 +678,7 @@ impl Worker {
             self.deferred_keyframes.remove(&track);
         }
         if send {
-            s.peer.request_keyframe(mid, None, false);
+            s.peer.request_keyframe(mid, rid, false);
             self.drain(key);
         }
     }
@@ -683,7 +689,7 @@ impl Worker {
             Msg::Attach { track, worker } => self.attach(track, worker),
             Msg::Detach { track, worker } => self.detach(track, worker),
             Msg::Media { track, packet } => self.deliver(track, &packet, Instant::now()),
-            Msg::Keyframe { track } => self.keyframe_local(track, Instant::now(), false),
+            Msg::Keyframe { track, rid } => self.keyframe_local(track, rid, Instant::now(), false),
             Msg::Unpublished { track } => self.source_gone(track),
             Msg::Shutdown => self.running = false,
         }
@@ -706,7 +712,7 @@ impl Worker {
                 None => p.fanout.push((worker, 1)),
             }
         }
-        self.keyframe_local(track, Instant::now(), false);
+        self.keyframe_local(track, None, Instant::now(), false);
     }
 
     fn detach(&mut self, track: TrackKey, worker: WorkerIndex) {

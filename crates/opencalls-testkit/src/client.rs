@@ -42,7 +42,19 @@ pub struct ClientPeer {
     /// Mids the server added in its offers.
     pub added: Vec<(Mid, MediaKind)>,
     sending: Vec<Mid>,
+    /// Indexes (0-based, counting RTP datagrams only) of received RTP datagrams to drop:
+    /// simulated loss on the SFU → client hop.
+    pub drop_incoming_rtp: Vec<u64>,
+    /// Likewise for RTP datagrams this client sends (loss on the client → SFU hop).
+    pub drop_outgoing_rtp: Vec<u64>,
+    rtp_in: u64,
+    rtp_out: u64,
     buf: Vec<u8>,
+}
+
+/// RTP, not RTCP, STUN or DTLS (RFC 7983, RFC 5761).
+fn is_rtp(b: &[u8]) -> bool {
+    b.len() > 12 && (128..192).contains(&b[0]) && !(192..=223).contains(&b[1])
 }
 
 impl ClientPeer {
@@ -70,6 +82,10 @@ impl ClientPeer {
             keyframe_requests: Vec::new(),
             added: Vec::new(),
             sending: Vec::new(),
+            drop_incoming_rtp: Vec::new(),
+            drop_outgoing_rtp: Vec::new(),
+            rtp_in: 0,
+            rtp_out: 0,
             buf: vec![0; 2048],
         }
     }
@@ -167,6 +183,12 @@ impl ClientPeer {
     pub fn step(&mut self) {
         match self.socket.recv_from(&mut self.buf) {
             Ok((n, source)) => {
+                if is_rtp(&self.buf[..n]) {
+                    self.rtp_in += 1;
+                    if self.drop_incoming_rtp.contains(&(self.rtp_in - 1)) {
+                        return;
+                    }
+                }
                 let now = Instant::now();
                 if let Ok(contents) = self.buf[..n].try_into() {
                     let _ = self.rtc.handle_input(Input::Receive(
@@ -192,6 +214,12 @@ impl ClientPeer {
             match self.rtc.poll_output() {
                 Ok(Output::Timeout(_)) | Err(_) => return,
                 Ok(Output::Transmit(t)) => {
+                    if is_rtp(&t.contents) {
+                        self.rtp_out += 1;
+                        if self.drop_outgoing_rtp.contains(&(self.rtp_out - 1)) {
+                            continue;
+                        }
+                    }
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
                 Ok(Output::Event(e)) => self.on_event(e),

@@ -244,6 +244,7 @@ async fn pull(
                     kind: p.kind,
                     source_session_id: sid.clone(),
                     track_name: name.clone(),
+                    preferred_rid: t.simulcast.as_ref().and_then(|s| s.preferred_rid.clone()),
                 }),
                 None => Err(ItemError::TrackNotFound),
             });

@@ -131,3 +131,41 @@ fn audio_fans_out_to_many_subscribers() {
         assert!(got.iter().all(|r| sent.contains(&r.payload.to_vec())));
     }
 }
+
+#[test]
+fn nack_rtx_recovers_loss_on_each_hop() {
+    let ts = TestServer::start(2);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Video], "lossy");
+    let sb = api.new_session();
+    let mut b = ClientPeer::new();
+    let mid = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
+    assert!(pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_secs(5),
+        |p| p[1].connected
+    ));
+    // Lose packets publisher → SFU, and (other ones) SFU → subscriber.
+    a.peer.drop_outgoing_rtp = vec![20, 35];
+    b.drop_incoming_rtp = vec![10, 28, 29];
+    let pt = a.peer.pt(Codec::Vp8);
+    let sent = stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 500, 60);
+    pump(&mut [&mut a.peer, &mut b], Duration::from_secs(2), |p| {
+        p[1].received_on(mid).len() >= 60
+    });
+    let got: Vec<Vec<u8>> = b
+        .received_on(mid)
+        .iter()
+        .map(|r| r.payload.to_vec())
+        .collect();
+    let missing: Vec<usize> = (0..sent.len())
+        .filter(|i| !got.contains(&sent[*i]))
+        .collect();
+    assert!(missing.is_empty(), "lost for good: packets {missing:?}");
+    // The repaired packets kept their place in the subscriber's numbering.
+    let mut seqs: Vec<u64> = b.received_on(mid).iter().map(|r| r.seq).collect();
+    seqs.sort();
+    seqs.dedup();
+    assert_eq!(seqs.len(), 60);
+    assert_eq!(seqs[59] - seqs[0], 59);
+}
