@@ -4,6 +4,7 @@
 pub mod apps;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod http;
 pub mod registry;
 
@@ -34,7 +35,21 @@ pub struct Server {
 impl Server {
     /// The API base URL (`…/v1`) for clients on this host.
     pub fn api_base_url(&self) -> String {
-        format!("http://{}/v1", self.http_addr)
+        format!("{}/v1", self.origin())
+    }
+
+    /// Where a browser on this host opens the demo (a loopback name when bound to all
+    /// interfaces, since browsers allow cameras only on secure or local origins).
+    pub fn origin(&self) -> String {
+        let mut addr = self.http_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(IpAddr::from([127, 0, 0, 1]));
+        }
+        if addr.ip().is_loopback() {
+            format!("http://localhost:{}", addr.port())
+        } else {
+            format!("http://{addr}")
+        }
     }
 
     /// Shared control-plane state (tests look at worker counters through it).
@@ -125,7 +140,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
 
     let listener = tokio::net::TcpListener::bind(config.http).await?;
     let http_addr = listener.local_addr()?;
-    let app = http::router(control.clone());
+    let api = http::router(control.clone());
+    let default_app = apps.list()[0].clone();
+    let app = api.clone().merge(demo::router(default_app, api));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let http = tokio::spawn(async move {
         let r = axum::serve(listener, app)

@@ -16,6 +16,10 @@ async fn main() -> anyhow::Result<()> {
     let CliCommand::Serve(config) = cli.command;
     let server = opencalls_server::start(config).await?;
     println!("opencalls is ready");
+    println!(
+        "  demo:          {}/  (echo: /demo/echo, room: /demo/room)",
+        server.origin()
+    );
     println!("  API base URL:  {}", server.api_base_url());
     for app in server.apps.list() {
         println!("  app id:        {}", app.id);
