@@ -10,8 +10,12 @@ import urllib.request
 import aioice.ice
 import pytest
 
-# aioice skips loopback addresses; the server and these peers live on 127.0.0.1 only.
-aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
+# The address every peer and the server's media use. scripts/test runs this suite inside a
+# network namespace it creates, with one veth address (GStreamer's libnice gathers no
+# loopback candidates); by default everything stays on 127.0.0.1. aioice skips loopback
+# addresses, hence the patch.
+MEDIA_IP = os.environ.get("OPENCALLS_E2E_IP", "127.0.0.1")
+aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: [MEDIA_IP]
 
 APP = "e2eaiortc0000000000000000000000"
 SECRET = "e2e-secret"
@@ -47,7 +51,7 @@ def api():
     binary = os.environ.get("OPENCALLS_BIN", os.path.join(os.path.dirname(__file__), "../../target/debug/opencalls"))
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "serve", "--http", f"127.0.0.1:{port}", "--udp", "127.0.0.1:0",
+        [binary, "serve", "--http", f"127.0.0.1:{port}", "--udp", f"{MEDIA_IP}:0",
          "--app", f"{APP}:{SECRET}", "--workers", "2"],
         stdout=subprocess.DEVNULL,
     )

@@ -374,6 +374,7 @@ impl Worker {
                 match found {
                     Some(k) => k,
                     None => {
+                        tracing::trace!(%source, len = data.len(), "dropped: unknown source");
                         incr(&self.stats.dropped_unknown);
                         return;
                     }
@@ -437,7 +438,10 @@ impl Worker {
                     if let Some((sock, _)) = sock {
                         match sock.send_to(&contents, destination) {
                             Ok(_) => incr(&self.stats.tx_datagrams),
-                            Err(_) => incr(&self.stats.dropped_send),
+                            Err(e) => {
+                                tracing::debug!(%destination, "send failed: {e}");
+                                incr(&self.stats.dropped_send);
+                            }
                         }
                     }
                 }

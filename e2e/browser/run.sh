@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Runs the headless-Chromium e2e suite: setup, then `node --test` on
+# e2e/browser/*.test.mjs (or the files given as arguments), one file at a time,
+# under a hard `timeout -s KILL`. Exits non-zero on any failure.
+#
+# Environment:
+#   OPENCALLS_BIN      server binary (default: <repo>/target/debug/opencalls;
+#                      built with `cargo build -p opencalls-server` if missing)
+#   E2E_TIMEOUT_SECS   hard limit for the whole run (default 600)
+#   E2E_ARTIFACTS_DIR  server logs and failure evidence (default e2e/browser/artifacts)
+#   RUST_LOG           server log filter (default opencalls*=debug,warn)
+set -uo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+
+"$HERE/setup.sh" || { echo "run.sh: setup failed" >&2; exit 2; }
+
+export OPENCALLS_BIN="${OPENCALLS_BIN:-$REPO/target/debug/opencalls}"
+if [ ! -x "$OPENCALLS_BIN" ]; then
+  if command -v cargo >/dev/null 2>&1; then
+    echo "run.sh: $OPENCALLS_BIN missing, building it" >&2
+    (cd "$REPO" && cargo build -p opencalls-server) || exit 2
+  else
+    echo "run.sh: $OPENCALLS_BIN missing and no cargo to build it" >&2
+    exit 2
+  fi
+fi
+
+cd "$HERE"
+if [ "$#" -gt 0 ]; then files=("$@"); else files=(*.test.mjs); fi
+limit="${E2E_TIMEOUT_SECS:-600}"
+
+flags=(--test --test-reporter=spec)
+# One test file at a time: each starts its own server and browser, on 2 cores.
+if node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=10)?0:1)'; then
+  flags+=(--test-concurrency=1)
+fi
+
+start=$(date +%s)
+timeout -s KILL "$limit" node "${flags[@]}" "${files[@]}"
+rc=$?
+end=$(date +%s)
+if [ "$rc" = 137 ]; then
+  echo "run.sh: KILLED after the ${limit}s limit (E2E_TIMEOUT_SECS)" >&2
+fi
+echo "run.sh: ${#files[@]} file(s), exit code $rc, $((end - start)) s wall time; logs and evidence in ${E2E_ARTIFACTS_DIR:-$HERE/artifacts}"
+exit "$rc"
