@@ -46,6 +46,7 @@ pub fn router(control: Arc<Control>) -> Router {
         .nest("/v1/apps/{app_id}", api.clone())
         .nest("/apps/{app_id}", api)
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(control)
         .layer(middleware::from_fn(cors))
@@ -56,6 +57,69 @@ async fn healthz() -> impl IntoResponse {
         StatusCode::OK,
         axum::Json(serde_json::json!({"status": "ok"})),
     )
+}
+
+/// Reads one counter of a worker.
+type StatFn = fn(&opencalls_sfu::WorkerStats) -> u64;
+
+/// Prometheus text exposition of the media workers' counters (read with relaxed loads:
+/// workers never wait for this).
+async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control>>) -> Response {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut out = String::new();
+    let counters: [(&str, &str, StatFn); 7] = [
+        ("opencalls_rx_datagrams_total", "Datagrams received", |s| {
+            s.rx_datagrams.load(Relaxed)
+        }),
+        ("opencalls_tx_datagrams_total", "Datagrams sent", |s| {
+            s.tx_datagrams.load(Relaxed)
+        }),
+        (
+            "opencalls_dropped_unknown_total",
+            "Datagrams from unvalidated addresses dropped before str0m",
+            |s| s.dropped_unknown.load(Relaxed),
+        ),
+        (
+            "opencalls_dropped_invalid_total",
+            "Datagrams str0m rejected",
+            |s| s.dropped_invalid.load(Relaxed),
+        ),
+        (
+            "opencalls_dropped_send_total",
+            "Datagrams the kernel refused",
+            |s| s.dropped_send.load(Relaxed),
+        ),
+        (
+            "opencalls_forwarded_rtp_total",
+            "RTP packets written to subscribers",
+            |s| s.forwarded_rtp.load(Relaxed),
+        ),
+        (
+            "opencalls_crashed_sessions_total",
+            "Sessions closed after a panic",
+            |s| s.crashed_sessions.load(Relaxed),
+        ),
+    ];
+    for (name, help, get) in counters {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for w in control.workers() {
+            let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", w.index(), get(w.stats()));
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP opencalls_sessions Sessions on each media worker\n# TYPE opencalls_sessions gauge"
+    );
+    for w in control.workers() {
+        let _ = writeln!(
+            out,
+            "opencalls_sessions{{worker=\"{}\"}} {}",
+            w.index(),
+            w.stats().sessions.load(Relaxed)
+        );
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 
 async fn fallback() -> ApiError {

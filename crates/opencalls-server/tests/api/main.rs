@@ -5,5 +5,6 @@ mod support;
 
 mod close;
 mod errors;
+mod hostile;
 mod lifecycle;
 mod media;

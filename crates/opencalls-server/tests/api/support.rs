@@ -60,6 +60,8 @@ impl Drop for TestServer {
 /// A client that published `kinds` in a fresh session, connected.
 pub struct Publisher {
     pub session: String,
+    /// The server's answer SDP.
+    pub answer: String,
     pub peer: ClientPeer,
     pub mids: Vec<Mid>,
     pub names: Vec<String>,
@@ -94,13 +96,18 @@ pub fn publish(api: &Api, kinds: &[MediaKind], prefix: &str) -> Publisher {
         assert_eq!(t["trackName"], names[i]);
         assert!(t.get("errorCode").is_none(), "{t}");
     }
-    peer.accept_answer(body["sessionDescription"]["sdp"].as_str().expect("sdp"));
+    let answer = body["sessionDescription"]["sdp"]
+        .as_str()
+        .expect("sdp")
+        .to_string();
+    peer.accept_answer(&answer);
     assert!(
         pump(&mut [&mut peer], Duration::from_secs(5), |p| p[0].connected),
         "publisher connects"
     );
     Publisher {
         session,
+        answer,
         peer,
         mids,
         names,
