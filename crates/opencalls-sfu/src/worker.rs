@@ -97,6 +97,12 @@ pub struct WorkerStats {
     pub crashed_sessions: AtomicU64,
     /// Sessions currently on the worker.
     pub sessions: AtomicUsize,
+    /// Control commands handled (SDP work among them).
+    pub commands: AtomicU64,
+    /// Microseconds the worker spent on control commands, in total.
+    pub command_us: AtomicU64,
+    /// The longest a single command held the worker, in microseconds.
+    pub command_us_max: AtomicU64,
 }
 
 /// The control plane's handle on one worker.
@@ -689,7 +695,14 @@ impl Worker {
 
     fn handle_msg(&mut self, msg: Msg) {
         match msg {
-            Msg::Command(cmd) => self.handle_command(cmd),
+            Msg::Command(cmd) => {
+                let start = Instant::now();
+                self.handle_command(cmd);
+                let us = start.elapsed().as_micros() as u64;
+                incr(&self.stats.commands);
+                self.stats.command_us.fetch_add(us, Ordering::Relaxed);
+                self.stats.command_us_max.fetch_max(us, Ordering::Relaxed);
+            }
             Msg::Attach { track, worker } => self.attach(track, worker),
             Msg::Detach { track, worker } => self.detach(track, worker),
             Msg::Media { track, packet } => self.deliver(track, &packet, Instant::now()),

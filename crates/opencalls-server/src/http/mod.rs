@@ -68,7 +68,22 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let counters: [(&str, &str, StatFn); 7] = [
+    let counters: [(&str, &str, StatFn); 10] = [
+        (
+            "opencalls_commands_total",
+            "Control commands a media worker handled",
+            |s| s.commands.load(Relaxed),
+        ),
+        (
+            "opencalls_command_microseconds_total",
+            "Time media workers spent on control commands",
+            |s| s.command_us.load(Relaxed),
+        ),
+        (
+            "opencalls_command_microseconds_max",
+            "Longest single control command on a media worker",
+            |s| s.command_us_max.load(Relaxed),
+        ),
         ("opencalls_rx_datagrams_total", "Datagrams received", |s| {
             s.rx_datagrams.load(Relaxed)
         }),
