@@ -22,8 +22,9 @@ const MAX_STALL_MS = 1500;
 
 // Checks, for each [receiver, publisher, kinds], that the receiver's monitor saw
 // those streams increase and never stall longer than MAX_STALL_MS in the window
-// since the previous report. Returns the reports (for the log).
+// since the previous report (the window covers the step just done plus 1 s).
 async function assertUnaffected(step, pairs) {
+  await sleep(1000); // every window spans at least a second of media
   const reports = new Map();
   for (const [r] of pairs) if (!reports.has(r)) reports.set(r, await r.monitorReport());
   const problems = [];

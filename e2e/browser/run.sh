@@ -7,7 +7,7 @@
 #   OPENCALLS_BIN      server binary (default: <repo>/target/debug/opencalls;
 #                      built with `cargo build -p opencalls-server` if missing)
 #   E2E_TIMEOUT_SECS   hard limit for the whole run (default 600)
-#   E2E_ARTIFACTS_DIR  server logs and failure evidence (default e2e/browser/artifacts)
+#   E2E_ARTIFACTS_DIR  server logs and failure evidence (default e2e/browser/artifacts/run-<time>)
 #   RUST_LOG           server log filter (default opencalls*=debug,warn)
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -15,6 +15,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 
 "$HERE/setup.sh" || { echo "run.sh: setup failed" >&2; exit 2; }
 
+export PATH="$HERE/.node/bin:$PATH"   # node 20 fetched by setup.sh, if it had to
 export OPENCALLS_BIN="${OPENCALLS_BIN:-$REPO/target/debug/opencalls}"
 if [ ! -x "$OPENCALLS_BIN" ]; then
   if command -v cargo >/dev/null 2>&1; then
@@ -27,21 +28,42 @@ if [ ! -x "$OPENCALLS_BIN" ]; then
 fi
 
 cd "$HERE"
+# One artifacts directory per run (server logs, failure evidence); keep the last 10.
+export E2E_ARTIFACTS_DIR="${E2E_ARTIFACTS_DIR:-$HERE/artifacts/run-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$E2E_ARTIFACTS_DIR"
+ls -1d "$HERE"/artifacts/run-* 2>/dev/null | sort | head -n -10 | xargs -r rm -rf
+
 if [ "$#" -gt 0 ]; then files=("$@"); else files=(*.test.mjs); fi
 limit="${E2E_TIMEOUT_SECS:-600}"
 
-flags=(--test --test-reporter=spec)
+# Human-readable spec output on stdout, and TAP in the artifacts directory whose
+# summary ("# tests N", "# pass N", "# fail N", ...) is printed at the end.
+tap="$E2E_ARTIFACTS_DIR/results.tap"
+flags=(--test --test-reporter=spec --test-reporter-destination=stdout
+       --test-reporter=tap --test-reporter-destination="$tap")
 # One test file at a time: each starts its own server and browser, on 2 cores.
 if node -e 'const [a,b]=process.versions.node.split(".").map(Number); process.exit(a>20||(a===20&&b>=10)?0:1)'; then
   flags+=(--test-concurrency=1)
 fi
 
 start=$(date +%s)
-timeout -s KILL "$limit" node "${flags[@]}" "${files[@]}"
+# Own process group (job control), so that whatever a killed run leaves behind
+# (opencalls servers, browsers) can be removed with it.
+set -m
+timeout -s KILL "$limit" node "${flags[@]}" "${files[@]}" &
+group=$!
+set +m
+trap 'kill -KILL -- -"$group" 2>/dev/null; exit 130' INT TERM
+wait "$group"
 rc=$?
+trap - INT TERM
+kill -KILL -- -"$group" 2>/dev/null
 end=$(date +%s)
+echo
+echo "node --test summary:"
+grep -E '^# (tests|suites|pass|fail|cancelled|skipped|todo|duration_ms) ' "$tap" 2>/dev/null || echo "# (no summary: node did not finish)"
 if [ "$rc" = 137 ]; then
   echo "run.sh: KILLED after the ${limit}s limit (E2E_TIMEOUT_SECS)" >&2
 fi
-echo "run.sh: ${#files[@]} file(s), exit code $rc, $((end - start)) s wall time; logs and evidence in ${E2E_ARTIFACTS_DIR:-$HERE/artifacts}"
+echo "run.sh: ${#files[@]} file(s), exit code $rc, $((end - start)) s wall time; logs and evidence in $E2E_ARTIFACTS_DIR"
 exit "$rc"

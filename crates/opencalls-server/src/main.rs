@@ -9,7 +9,7 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "opencalls=info,warn".into()),
+                .unwrap_or_else(|_| "opencalls_server=info,opencalls_sfu=info,warn".into()),
         )
         .init();
     let cli = Cli::parse();

@@ -17,7 +17,10 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{ExtensionValues, RtpWrite};
+use str0m::rtp::{Extension, ExtensionValues, RtpWrite};
+
+/// Header extension id we offer for abs-capture-time (unused by str0m's standard map).
+pub const ABS_CAPTURE_TIME_ID: u8 = 7;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig, RtcError};
 
 pub use str0m::format::CodecSpec;
@@ -218,6 +221,8 @@ impl Peer {
             .enable_pcmu(true, false)
             .enable_pcma(true, false)
             .set_stats_interval(None)
+            // Capture time travels end to end: receivers (and our benchmark) measure latency.
+            .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
             .build(now);
         for addr in &config.candidates {
             let c =

@@ -929,14 +929,26 @@ impl Worker {
                     if s.peer.has_pending_offer() {
                         return Err(SfuError::OfferPending);
                     }
+                    // a=msid must be unique per m-line (browsers reject duplicates), and one
+                    // session may pull the same track twice: number the repeats.
+                    let mut seen: Vec<TrackKey> =
+                        s.subscriptions.values().map(|x| x.source).collect();
                     let medias: Vec<crate::peer::NewMedia> = items
                         .iter()
                         .filter_map(|i| i.as_ref().ok())
-                        .map(|i| crate::peer::NewMedia {
-                            kind: i.kind,
-                            send_recv: false,
-                            stream_id: i.source_session_id.clone(),
-                            track_id: i.track_name.clone(),
+                        .map(|i| {
+                            let repeats = seen.iter().filter(|k| **k == i.source).count();
+                            seen.push(i.source);
+                            crate::peer::NewMedia {
+                                kind: i.kind,
+                                send_recv: false,
+                                stream_id: i.source_session_id.clone(),
+                                track_id: if repeats == 0 {
+                                    i.track_name.clone()
+                                } else {
+                                    format!("{}-{}", i.track_name, repeats + 1)
+                                },
+                            }
                         })
                         .collect();
                     if medias.is_empty() {

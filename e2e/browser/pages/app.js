@@ -21,6 +21,20 @@ function tracksOf(mediaKey) {
   return [...m.getAudioTracks(), ...m.getVideoTracks()];
 }
 
+// applyConstraints on a clone of a shared fake-camera track occasionally
+// resolves with the old size in place (seen about once in 25 opens while other
+// tabs use the same source); check and re-apply until the settings agree.
+async function scaleTo(track, size, attempts = 5) {
+  for (let i = 0; i < attempts; i++) {
+    await track.applyConstraints({ width: { exact: size.width }, height: { exact: size.height } });
+    for (let j = 0; j < 10; j++) {
+      if (track.getSettings().width === size.width) return;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
+  throw new Error(`fake camera: could not scale to ${size.width}x${size.height}: ${JSON.stringify(track.getSettings())}`);
+}
+
 window.P = {
   apiLog,
   sessions,
@@ -36,7 +50,7 @@ window.P = {
     const [audio] = raw.getAudioTracks();
     const [pin] = raw.getVideoTracks();
     const video = pin.clone();
-    if (size) await video.applyConstraints({ width: { exact: size.width }, height: { exact: size.height } });
+    if (size) await scaleTo(video, size);
     video.contentHint = 'detail';
     media[key] = new MediaStream([audio, video]);
     media[key].pin = pin;

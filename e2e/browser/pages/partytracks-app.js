@@ -56,7 +56,13 @@ window.PT = {
     const [audio] = raw.getAudioTracks();
     const [pin] = raw.getVideoTracks();
     const video = pin.clone();
-    if (size) await video.applyConstraints({ width: { exact: size.width }, height: { exact: size.height } });
+    if (size) {
+      // Re-apply until the settings agree (see scaleTo in app.js).
+      for (let i = 0; i < 50 && video.getSettings().width !== size.width; i++) {
+        if (i % 10 === 0) await video.applyConstraints({ width: { exact: size.width }, height: { exact: size.height } });
+        else await sleep(50);
+      }
+    }
     video.contentHint = 'detail';
     const out = {};
     await Promise.all([['audio', audio], ['video', video]].map(async ([kind, track]) => {

@@ -50,6 +50,16 @@ pub fn router(control: Arc<Control>) -> Router {
         .fallback(fallback)
         .with_state(control)
         .layer(middleware::from_fn(cors))
+        .layer(middleware::from_fn(log_request))
+}
+
+/// One debug line per request (`RUST_LOG=opencalls_server=debug`): method, path, status, time.
+async fn log_request(req: Request, next: Next) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let start = std::time::Instant::now();
+    let res = next.run(req).await;
+    tracing::debug!(%method, path, status = res.status().as_u16(), us = start.elapsed().as_micros() as u64, "request");
+    res
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -169,3 +169,47 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     assert_eq!(seqs.len(), 60);
     assert_eq!(seqs[59] - seqs[0], 59);
 }
+
+#[test]
+fn pulling_the_same_track_twice_gives_two_working_m_lines() {
+    let ts = TestServer::start(1);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Video], "twice");
+    let sb = api.new_session();
+    let mut b = ClientPeer::new();
+    let first = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
+    let second = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
+    assert_ne!(first, second);
+    assert!(pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_secs(5),
+        |p| p[1].connected
+    ));
+    let pt = a.peer.pt(Codec::Vp8);
+    stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 1, 20);
+    pump(&mut [&mut a.peer, &mut b], Duration::from_secs(1), |p| {
+        p[1].received_on(first).len() >= 20 && p[1].received_on(second).len() >= 20
+    });
+    let (n1, n2) = (b.received_on(first).len(), b.received_on(second).len());
+    assert!(
+        n1 >= 15 && n2 >= 15,
+        "first {n1}, second {n2}, total {}",
+        b.received.len()
+    );
+    // And in one request: two m-lines whose msids differ.
+    let sc = api.new_session();
+    let item =
+        serde_json::json!({"location": "remote", "sessionId": a.session, "trackName": a.names[0]});
+    let r = api.send(
+        "POST",
+        &format!("sessions/{sc}/tracks/new"),
+        Some(&serde_json::json!({ "tracks": [item.clone(), item] })),
+    );
+    let sdp = r.json()["sessionDescription"]["sdp"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let msids: Vec<&str> = sdp.lines().filter(|l| l.starts_with("a=msid:")).collect();
+    assert_eq!(msids.len(), 2);
+    assert_ne!(msids[0], msids[1], "duplicate a=msid lines: {msids:?}");
+}

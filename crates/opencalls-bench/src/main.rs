@@ -1,0 +1,136 @@
+//! `opencalls-bench`: how many participants one core carries, measured side by side with the
+//! physical limit (a plaintext UDP relay) in the same run.
+//!
+//! `cargo run --release -p opencalls-bench -- SCENARIO [--target opencalls|raw|janus|all] [--quick] --json FILE`
+//!
+//! The generator pins itself to core 0 and the server under test to core 1. Each step builds
+//! its topology from scratch (fresh server), warms up, then measures a window: RTP packets
+//! the subscribers received per second (`out_pps`), the server core's busy share from
+//! /proc/stat (softirq included), loss from sequence gaps, added latency from the
+//! publisher's abs-capture-time, and the server's RSS. A step whose generator core was
+//! saturated is reported `valid: false`.
+
+mod peer;
+mod raw;
+mod raw_client;
+mod rtp;
+mod sys;
+mod world;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+
+use crate::world::{Scenario, StepResult, Target};
+
+#[derive(Debug, Parser)]
+#[command(name = "opencalls-bench")]
+struct Cli {
+    /// audio-room | webinar | meeting | join-storm | api, or `relay` (internal: the raw relay).
+    scenario: String,
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "all")]
+    target: TargetArg,
+    /// A short ramp (under 3 minutes for all targets).
+    #[arg(long)]
+    quick: bool,
+    /// One JSON object per line and step.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Relay mode: port.
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Relay mode: seconds to run before exiting.
+    #[arg(long, default_value_t = 60)]
+    seconds: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum TargetArg {
+    Opencalls,
+    Raw,
+    Janus,
+    All,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if cli.scenario == "relay" {
+        return Ok(raw::run_relay(cli.port, Duration::from_secs(cli.seconds))?);
+    }
+    let scenario = Scenario::parse(&cli.scenario)?;
+    let json_path = cli
+        .json
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--json FILE is required"))?;
+    let mut out = std::fs::File::create(&json_path)?;
+    if sys::cpus() < 2 {
+        anyhow::bail!("needs at least 2 CPUs: the generator and the server are pinned apart");
+    }
+    sys::pin_self(0);
+
+    let mut targets = match cli.target {
+        TargetArg::All => vec![Target::Raw, Target::Opencalls, Target::Janus],
+        TargetArg::Raw => vec![Target::Raw],
+        TargetArg::Opencalls => vec![Target::Opencalls],
+        TargetArg::Janus => vec![Target::Janus],
+    };
+    if scenario == Scenario::Api {
+        targets.retain(|t| *t != Target::Raw); // a UDP relay has no API
+    }
+    let steps = scenario.steps(cli.quick);
+    let mut raw_results: Vec<Option<StepResult>> = vec![None; steps.len()];
+    for target in targets {
+        for (i, step) in steps.iter().enumerate() {
+            eprintln!(
+                "{} {} step {} ({})",
+                scenario.name(),
+                target.name(),
+                i,
+                step.describe()
+            );
+            let r = world::run_step(target, scenario, step, cli.quick);
+            let r = match r {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("  error: {e:#}");
+                    let line = json!({
+                        "scenario": scenario.name(), "step": i, "target": target.name(),
+                        "n": step.n, "valid": false, "error": format!("{e:#}"),
+                        "out_pps": null, "server_busy_cores": null, "out_pps_per_core": null,
+                        "ratio_to_raw": null, "loss": null, "p50_ms": null, "p99_ms": null, "rss_mb": null,
+                    });
+                    writeln!(out, "{line}")?;
+                    break;
+                }
+            };
+            let raw = raw_results[i].as_ref();
+            let ratio = match (target, raw) {
+                (Target::Raw, _) | (_, None) => None,
+                (_, Some(raw)) if raw.out_pps_per_core() > 0.0 => {
+                    Some(r.out_pps_per_core() / raw.out_pps_per_core())
+                }
+                _ => None,
+            };
+            let line = r.to_json(scenario, i, target, step, ratio);
+            eprintln!("  {line}");
+            writeln!(out, "{line}")?;
+            out.flush()?;
+            let knee = r.loss > 0.001
+                || match (raw, r.p99_ms) {
+                    (Some(raw), Some(p99)) => p99 > raw.p99_ms.unwrap_or(0.0) + 10.0,
+                    _ => false,
+                };
+            if target == Target::Raw {
+                raw_results[i] = Some(r);
+            } else if knee {
+                eprintln!("  knee reached at step {i}");
+                break;
+            }
+        }
+    }
+    Ok(())
+}

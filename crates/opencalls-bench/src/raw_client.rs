@@ -1,0 +1,68 @@
+//! Clients of the raw relay: plaintext datagrams of the same sizes the SFU carries
+//! (RTP header + payload + SRTP tag), with a sequence number and the send time inside.
+
+use std::net::SocketAddr;
+
+use mio::net::UdpSocket;
+
+use crate::rtp::{self, Meter};
+
+/// RTP header (12) + one-byte extension block with abs-capture-time (16) + SRTP tag (10).
+const OVERHEAD: usize = 38;
+
+pub struct RawPeer {
+    pub socket: UdpSocket,
+    relay: SocketAddr,
+    index: usize,
+    buf: Vec<u8>,
+}
+
+impl RawPeer {
+    pub fn new(index: usize, relay: SocketAddr) -> anyhow::Result<RawPeer> {
+        Ok(RawPeer {
+            socket: UdpSocket::bind("127.0.0.1:0".parse()?)?,
+            relay,
+            index,
+            buf: vec![0; 2048],
+        })
+    }
+
+    pub fn subscribe(&self, group: u32) -> anyhow::Result<()> {
+        let mut m = b"SUB".to_vec();
+        m.extend_from_slice(&group.to_be_bytes());
+        // Loopback does not lose datagrams unless buffers overflow; send twice anyway.
+        self.socket.send_to(&m, self.relay)?;
+        self.socket.send_to(&m, self.relay)?;
+        Ok(())
+    }
+
+    /// [group u32][seq u16][send time NTP u64][padding] to the relay.
+    pub fn send(&mut self, group: u32, seq: u64, payload_len: usize) {
+        let len = payload_len + OVERHEAD;
+        let b = &mut self.buf[..len];
+        b[..4].copy_from_slice(&group.to_be_bytes());
+        b[4..6].copy_from_slice(&(seq as u16).to_be_bytes());
+        b[6..14].copy_from_slice(&rtp::ntp_now().to_be_bytes());
+        let _ = self.socket.send_to(&self.buf[..len], self.relay);
+    }
+
+    pub fn read(&mut self, mut meter: Option<&mut Meter>) {
+        while let Ok((n, _)) = self.socket.recv_from(&mut self.buf) {
+            if n < 14 {
+                continue;
+            }
+            if let Some(m) = meter.as_deref_mut() {
+                let b = &self.buf;
+                let group = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                let seq = u16::from_be_bytes([b[4], b[5]]);
+                let sent = u64::from_be_bytes(b[6..14].try_into().unwrap_or_default());
+                m.record(
+                    self.index,
+                    group,
+                    seq,
+                    Some(rtp::ntp_delta_ms(sent, rtp::ntp_now())),
+                );
+            }
+        }
+    }
+}

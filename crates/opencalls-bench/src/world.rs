@@ -1,0 +1,695 @@
+//! Scenarios, topologies and one measured step per target.
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+use opencalls_testkit::Api;
+use serde_json::{json, Value};
+use str0m::format::Codec;
+use str0m::media::{MediaKind, Mid};
+
+use crate::peer::BenchPeer;
+use crate::rtp::Meter;
+use crate::sys;
+
+/// A benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    AudioRoom,
+    Webinar,
+    Meeting,
+    JoinStorm,
+    Api,
+}
+
+/// What a step varies.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Listeners, subscribers, participants, or request rounds.
+    pub n: usize,
+}
+
+impl Step {
+    pub fn describe(&self) -> String {
+        format!("n={}", self.n)
+    }
+}
+
+impl Scenario {
+    pub fn parse(s: &str) -> anyhow::Result<Scenario> {
+        Ok(match s {
+            "audio-room" => Scenario::AudioRoom,
+            "webinar" => Scenario::Webinar,
+            "meeting" => Scenario::Meeting,
+            "join-storm" => Scenario::JoinStorm,
+            "api" => Scenario::Api,
+            _ => anyhow::bail!("unknown scenario {s:?}"),
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::AudioRoom => "audio-room",
+            Scenario::Webinar => "webinar",
+            Scenario::Meeting => "meeting",
+            Scenario::JoinStorm => "join-storm",
+            Scenario::Api => "api",
+        }
+    }
+
+    pub fn steps(self, quick: bool) -> Vec<Step> {
+        let ns: &[usize] = match (self, quick) {
+            (Scenario::AudioRoom, true) => &[5, 20],
+            (Scenario::AudioRoom, false) => &[10, 25, 50, 100, 200, 300, 400],
+            (Scenario::Webinar, true) => &[10, 40],
+            (Scenario::Webinar, false) => &[25, 50, 100, 200, 300, 400, 500, 600],
+            (Scenario::Meeting, true) => &[3, 5],
+            (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20],
+            (Scenario::JoinStorm, true) => &[10],
+            (Scenario::JoinStorm, false) => &[10, 20, 40],
+            (Scenario::Api, true) => &[50],
+            (Scenario::Api, false) => &[200, 400, 800],
+        };
+        ns.iter().map(|n| Step { n: *n }).collect()
+    }
+
+    /// Publishers (their track kinds) and subscribers (the (publisher, track) pairs each pulls).
+    fn topology(self, n: usize) -> Topology {
+        let av = vec![MediaKind::Audio, MediaKind::Video];
+        match self {
+            Scenario::Webinar => Topology {
+                publishers: vec![av],
+                subscribers: (0..n).map(|_| vec![(0, 0), (0, 1)]).collect(),
+            },
+            Scenario::AudioRoom => Topology {
+                publishers: (0..10).map(|_| vec![MediaKind::Audio]).collect(),
+                subscribers: (0..n).map(|_| (0..10).map(|p| (p, 0)).collect()).collect(),
+            },
+            Scenario::Meeting => Topology {
+                publishers: (0..n).map(|_| av.clone()).collect(),
+                subscribers: (0..n)
+                    .map(|me| {
+                        (0..n)
+                            .filter(|p| *p != me)
+                            .flat_map(|p| [(p, 0), (p, 1)])
+                            .collect()
+                    })
+                    .collect(),
+            },
+            Scenario::JoinStorm | Scenario::Api => Topology::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Topology {
+    publishers: Vec<Vec<MediaKind>>,
+    subscribers: Vec<Vec<(usize, usize)>>,
+}
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Opencalls,
+    Raw,
+    Janus,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Opencalls => "opencalls",
+            Target::Raw => "raw",
+            Target::Janus => "janus",
+        }
+    }
+}
+
+/// What one step measured.
+#[derive(Debug, Clone)]
+pub struct StepResult {
+    pub out_pps: f64,
+    pub server_busy_cores: f64,
+    pub generator_busy: f64,
+    pub loss: f64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub rss_mb: f64,
+    pub sessions: usize,
+    pub subscribed_tracks: usize,
+    pub join_p50_ms: Option<f64>,
+    pub join_p99_ms: Option<f64>,
+    pub ops_per_sec: Option<f64>,
+}
+
+impl StepResult {
+    pub fn out_pps_per_core(&self) -> f64 {
+        if self.server_busy_cores > 0.0 {
+            self.out_pps / self.server_busy_cores
+        } else {
+            0.0
+        }
+    }
+
+    pub fn valid(&self) -> bool {
+        self.generator_busy < 0.95
+    }
+
+    pub fn to_json(
+        &self,
+        s: Scenario,
+        i: usize,
+        t: Target,
+        step: &Step,
+        ratio: Option<f64>,
+    ) -> Value {
+        let us_per_pkt = (self.out_pps > 0.0).then(|| self.server_busy_cores * 1e6 / self.out_pps);
+        json!({
+            "scenario": s.name(), "step": i, "target": t.name(), "n": step.n,
+            "out_pps": round(self.out_pps), "server_busy_cores": round3(self.server_busy_cores),
+            "out_pps_per_core": round(self.out_pps_per_core()), "ratio_to_raw": ratio.map(round3),
+            "cpu_us_per_packet": us_per_pkt.map(round3),
+            "loss": round6(self.loss), "p50_ms": self.p50_ms.map(round3), "p99_ms": self.p99_ms.map(round3),
+            "rss_mb": round3(self.rss_mb), "valid": self.valid(), "generator_busy": round3(self.generator_busy),
+            "sessions": self.sessions, "subscribed_tracks": self.subscribed_tracks,
+            "join_p50_ms": self.join_p50_ms.map(round3), "join_p99_ms": self.join_p99_ms.map(round3),
+            "sessions_per_sec": self.ops_per_sec.map(round),
+            "sessions_per_sec_per_core": self.ops_per_sec.map(|o| round(if self.server_busy_cores > 0.0 { o / self.server_busy_cores } else { 0.0 })),
+        })
+    }
+}
+
+fn round(x: f64) -> f64 {
+    x.round()
+}
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+fn round6(x: f64) -> f64 {
+    (x * 1e6).round() / 1e6
+}
+
+fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[((v.len() - 1) as f64 * p).round() as usize])
+}
+
+/// Runs one step of a scenario against a target, from a fresh server.
+pub fn run_step(
+    target: Target,
+    s: Scenario,
+    step: &Step,
+    quick: bool,
+) -> anyhow::Result<StepResult> {
+    let (warm, window) = if quick {
+        (Duration::from_millis(700), Duration::from_millis(1500))
+    } else {
+        (Duration::from_secs(2), Duration::from_secs(5))
+    };
+    match (target, s) {
+        (Target::Janus, _) => anyhow::bail!("the janus target is not implemented yet"),
+        (_, Scenario::JoinStorm) => anyhow::bail!("join-storm is not implemented yet"),
+        (Target::Opencalls, Scenario::Api) => api_step(step, quick),
+        (Target::Raw, Scenario::Api) => anyhow::bail!("a UDP relay has no API"),
+        (Target::Opencalls, _) => {
+            let mut w = OpencallsWorld::build(s.topology(step.n))?;
+            w.media.measure(warm, window, w.server.id())
+        }
+        (Target::Raw, _) => {
+            let mut w = RawWorld::build(s.topology(step.n))?;
+            w.media.measure(warm, window, w.relay.id())
+        }
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn opencalls_binary() -> std::path::PathBuf {
+    if let Ok(p) = std::env::var("OPENCALLS_BIN") {
+        return p.into();
+    }
+    let me = std::env::current_exe().unwrap_or_default();
+    me.with_file_name("opencalls")
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+impl Proc {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_pinned(cpu: usize, program: &std::path::Path, args: &[String]) -> anyhow::Result<Proc> {
+    let child = Command::new("taskset")
+        .arg("-c")
+        .arg(cpu.to_string())
+        .arg(program)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Proc(child))
+}
+
+const APP: &str = "bench0000000000000000000000000000";
+const SECRET: &str = "bench-secret";
+
+fn start_opencalls() -> anyhow::Result<(Proc, Api)> {
+    let port = free_port()?;
+    let args: Vec<String> = [
+        "serve",
+        "--http",
+        &format!("127.0.0.1:{port}"),
+        "--udp",
+        "127.0.0.1:0",
+        "--app",
+        &format!("{APP}:{SECRET}"),
+        "--workers",
+        "1",
+        "--idle-timeout-secs",
+        "600",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let proc = spawn_pinned(1, &opencalls_binary(), &args)?;
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let end = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        anyhow::ensure!(
+            Instant::now() < end,
+            "opencalls did not start ({:?})",
+            opencalls_binary()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let api = Api {
+        addr,
+        app: APP.into(),
+        secret: SECRET.into(),
+    };
+    Ok((proc, api))
+}
+
+/// One publisher's sending state.
+struct Source {
+    kind: MediaKind,
+    mid: Mid,
+    pt: u8,
+    seq: u64,
+    next: Instant,
+    frame: u64,
+    /// Raw relay only: the group id (publisher * 4 + track).
+    group: u32,
+}
+
+const VIDEO_PAYLOAD: usize = 1100;
+const AUDIO_PAYLOAD: usize = 120;
+
+impl Source {
+    /// Packets of the next frame: VP8-shaped video at 30 fps (keyframe of 25 packets every
+    /// 3 s, else 6; ~1.6 Mbit/s) or Opus-shaped audio (one packet per 20 ms).
+    fn frame_packets(&self) -> usize {
+        match self.kind {
+            MediaKind::Audio => 1,
+            MediaKind::Video if self.frame.is_multiple_of(90) => 25,
+            MediaKind::Video => 6,
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        match self.kind {
+            MediaKind::Audio => Duration::from_millis(20),
+            MediaKind::Video => Duration::from_micros(33_333),
+        }
+    }
+
+    fn rtp_time(&self) -> u32 {
+        match self.kind {
+            MediaKind::Audio => (self.frame * 960) as u32,
+            MediaKind::Video => (self.frame * 3000) as u32,
+        }
+    }
+}
+
+/// Sockets, sources and receivers of one world, driven on the generator core.
+struct Media {
+    /// Peers (publishers first); `sources[i].0` indexes into it.
+    peers: Vec<Driver>,
+    sources: Vec<(usize, Source)>,
+    poll: Poll,
+    sessions: usize,
+    subscribed_tracks: usize,
+    video: Arc<[u8]>,
+    audio: Arc<[u8]>,
+}
+
+// Peers live in one Vec for their whole run; boxing would only add an indirection per packet.
+#[allow(clippy::large_enum_variant)]
+enum Driver {
+    Str0m(BenchPeer),
+    Raw(crate::raw_client::RawPeer),
+}
+
+impl Media {
+    fn new(
+        peers: Vec<Driver>,
+        sources: Vec<(usize, Source)>,
+        sessions: usize,
+        subscribed: usize,
+    ) -> anyhow::Result<Media> {
+        let poll = Poll::new()?;
+        let mut m = Media {
+            peers,
+            sources,
+            poll,
+            sessions,
+            subscribed_tracks: subscribed,
+            video: vec![0x5a; VIDEO_PAYLOAD].into(),
+            audio: vec![0xa5; AUDIO_PAYLOAD].into(),
+        };
+        for (i, p) in m.peers.iter_mut().enumerate() {
+            let sock = match p {
+                Driver::Str0m(p) => &mut p.socket,
+                Driver::Raw(p) => &mut p.socket,
+            };
+            m.poll
+                .registry()
+                .register(sock, Token(i), Interest::READABLE)?;
+        }
+        Ok(m)
+    }
+
+    /// Sends due media and reads what arrived, for `d`.
+    fn run(&mut self, d: Duration, mut meter: Option<&mut Meter>) {
+        let end = Instant::now() + d;
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                return;
+            }
+            let mut next = end;
+            for (pi, s) in &mut self.sources {
+                while s.next <= now {
+                    let n = s.frame_packets();
+                    let ts = s.rtp_time();
+                    let payload = match s.kind {
+                        MediaKind::Audio => self.audio.clone(),
+                        MediaKind::Video => self.video.clone(),
+                    };
+                    for k in 0..n {
+                        match &mut self.peers[*pi] {
+                            Driver::Str0m(p) => {
+                                p.send(s.mid, s.pt, s.seq, ts, k + 1 == n, payload.clone())
+                            }
+                            Driver::Raw(p) => p.send(s.group, s.seq, payload.len()),
+                        }
+                        s.seq += 1;
+                    }
+                    s.frame += 1;
+                    s.next += s.interval();
+                }
+                next = next.min(s.next);
+            }
+            for p in &mut self.peers {
+                if let Driver::Str0m(p) = p {
+                    p.tick(now);
+                }
+            }
+            let wait = next
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(5));
+            let _ = self.poll.poll(&mut events, Some(wait));
+            for ev in events.iter() {
+                match &mut self.peers[ev.token().0] {
+                    Driver::Str0m(p) => p.read(meter.as_deref_mut()),
+                    Driver::Raw(p) => p.read(meter.as_deref_mut()),
+                }
+            }
+        }
+    }
+
+    fn measure(
+        &mut self,
+        warm: Duration,
+        window: Duration,
+        server_pid: u32,
+    ) -> anyhow::Result<StepResult> {
+        self.run(warm, None);
+        let mut meter = Meter::default();
+        let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let t0 = Instant::now();
+        self.run(window, Some(&mut meter));
+        let secs = t0.elapsed().as_secs_f64();
+        let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let mut joins: Vec<f64> = self
+            .peers
+            .iter()
+            .filter_map(|p| match p {
+                Driver::Str0m(p) => p
+                    .first_rtp
+                    .map(|f| (f - p.join_started).as_secs_f64() * 1000.0),
+                Driver::Raw(_) => None,
+            })
+            .collect();
+        Ok(StepResult {
+            out_pps: meter.packets as f64 / secs,
+            server_busy_cores: sys::busy_between(s0, s1),
+            generator_busy: sys::busy_between(g0, g1),
+            loss: meter.loss(),
+            p50_ms: meter.percentile(0.5),
+            p99_ms: meter.percentile(0.99),
+            rss_mb: sys::rss_mb(server_pid),
+            sessions: self.sessions,
+            subscribed_tracks: self.subscribed_tracks,
+            join_p50_ms: percentile(&mut joins, 0.5),
+            join_p99_ms: percentile(&mut joins, 0.99),
+            ops_per_sec: None,
+        })
+    }
+}
+
+struct OpencallsWorld {
+    server: Proc,
+    media: Media,
+}
+
+impl OpencallsWorld {
+    fn build(t: Topology) -> anyhow::Result<OpencallsWorld> {
+        let (server, api) = start_opencalls()?;
+        let mut peers = Vec::new();
+        let mut sources = Vec::new();
+        let mut names: Vec<(String, Vec<String>)> = Vec::new();
+        for (i, kinds) in t.publishers.iter().enumerate() {
+            let mut p = BenchPeer::new(peers.len(), false)?;
+            let session = api.new_session();
+            let (offer, mids) = p.offer_send(kinds);
+            let tracks: Vec<Value> = mids
+                .iter()
+                .enumerate()
+                .map(|(k, m)| json!({"location": "local", "mid": m.to_string(), "trackName": format!("p{i}t{k}")}))
+                .collect();
+            let r = api.send(
+                "POST",
+                &format!("sessions/{session}/tracks/new"),
+                Some(&json!({"sessionDescription": {"type": "offer", "sdp": offer}, "tracks": tracks})),
+            );
+            anyhow::ensure!(r.status == 200, "push failed: {}", r.body);
+            p.accept_answer(r.json()["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
+            let now = Instant::now();
+            for (kind, mid) in kinds.iter().zip(&mids) {
+                let pt = p.pt(if *kind == MediaKind::Audio {
+                    Codec::Opus
+                } else {
+                    Codec::Vp8
+                });
+                sources.push((
+                    peers.len(),
+                    Source {
+                        kind: *kind,
+                        mid: *mid,
+                        pt,
+                        seq: 1,
+                        next: now,
+                        frame: 0,
+                        group: 0,
+                    },
+                ));
+            }
+            names.push((
+                session,
+                (0..kinds.len()).map(|k| format!("p{i}t{k}")).collect(),
+            ));
+            peers.push(Driver::Str0m(p));
+        }
+        let mut media = Media::new(peers, sources, t.publishers.len(), 0)?;
+        // Publishers connect and start sending before anyone subscribes.
+        let end = Instant::now() + Duration::from_secs(10);
+        while !media
+            .peers
+            .iter()
+            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
+        {
+            anyhow::ensure!(Instant::now() < end, "publishers did not connect");
+            media.run(Duration::from_millis(20), None);
+        }
+        let mut subscribed = 0;
+        for pulls in &t.subscribers {
+            let mut p = BenchPeer::new(media.peers.len(), true)?;
+            let session = api.new_session();
+            let items: Vec<Value> = pulls
+                .iter()
+                .map(|(pi, k)| json!({"location": "remote", "sessionId": names[*pi].0, "trackName": names[*pi].1[*k]}))
+                .collect();
+            let r = api.send(
+                "POST",
+                &format!("sessions/{session}/tracks/new"),
+                Some(&json!({ "tracks": items })),
+            );
+            anyhow::ensure!(r.status == 200, "pull failed: {}", r.body);
+            let answer =
+                p.accept_offer(r.json()["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
+            let r = api.send(
+                "PUT",
+                &format!("sessions/{session}/renegotiate"),
+                Some(&json!({"sessionDescription": {"type": "answer", "sdp": answer}})),
+            );
+            anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
+            subscribed += pulls.len();
+            let idx = media.peers.len();
+            media
+                .poll
+                .registry()
+                .register(&mut p.socket, Token(idx), Interest::READABLE)?;
+            media.peers.push(Driver::Str0m(p));
+            media.sessions += 1;
+            media.run(Duration::from_millis(1), None);
+        }
+        media.subscribed_tracks = subscribed;
+        let end = Instant::now() + Duration::from_secs(20);
+        while !media
+            .peers
+            .iter()
+            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
+        {
+            anyhow::ensure!(Instant::now() < end, "subscribers did not connect");
+            media.run(Duration::from_millis(20), None);
+        }
+        Ok(OpencallsWorld { server, media })
+    }
+}
+
+struct RawWorld {
+    relay: Proc,
+    media: Media,
+}
+
+impl RawWorld {
+    fn build(t: Topology) -> anyhow::Result<RawWorld> {
+        let port = free_port()?;
+        let me = std::env::current_exe()?;
+        let relay = spawn_pinned(
+            1,
+            &me,
+            &[
+                "relay".into(),
+                "--port".into(),
+                port.to_string(),
+                "--seconds".into(),
+                "120".into(),
+            ],
+        )?;
+        let relay_addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        std::thread::sleep(Duration::from_millis(200));
+        let mut peers = Vec::new();
+        let mut sources = Vec::new();
+        let now = Instant::now();
+        for (i, kinds) in t.publishers.iter().enumerate() {
+            let p = crate::raw_client::RawPeer::new(peers.len(), relay_addr)?;
+            for (k, kind) in kinds.iter().enumerate() {
+                sources.push((
+                    peers.len(),
+                    Source {
+                        kind: *kind,
+                        mid: Mid::from("raw"),
+                        pt: 0,
+                        seq: 1,
+                        next: now,
+                        frame: 0,
+                        group: (i * 4 + k) as u32,
+                    },
+                ));
+            }
+            peers.push(Driver::Raw(p));
+        }
+        let mut subscribed = 0;
+        for pulls in &t.subscribers {
+            let p = crate::raw_client::RawPeer::new(peers.len(), relay_addr)?;
+            for (pi, k) in pulls {
+                p.subscribe((pi * 4 + k) as u32)?;
+            }
+            subscribed += pulls.len();
+            peers.push(Driver::Raw(p));
+        }
+        let sessions = t.publishers.len() + t.subscribers.len();
+        let media = Media::new(peers, sources, sessions, subscribed)?;
+        Ok(RawWorld { relay, media })
+    }
+}
+
+/// `sessions/new` + `tracks/new` (push with an offer) as fast as one client can ask.
+fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
+    let (server, api) = start_opencalls()?;
+    let mut peer = BenchPeer::new(0, false)?;
+    let (offer, mids) = peer.offer_send(&[MediaKind::Audio, MediaKind::Video]);
+    let body = json!({"sessionDescription": {"type": "offer", "sdp": offer},
+        "tracks": mids.iter().enumerate().map(|(k, m)| json!({"location": "local", "mid": m.to_string(), "trackName": format!("t{k}")})).collect::<Vec<_>>()});
+    let mut lat = Vec::with_capacity(step.n);
+    let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+    let t0 = Instant::now();
+    for _ in 0..step.n {
+        let t = Instant::now();
+        let session = api.new_session();
+        let r = api.send(
+            "POST",
+            &format!("sessions/{session}/tracks/new"),
+            Some(&body),
+        );
+        anyhow::ensure!(r.status == 200, "tracks/new failed: {}", r.body);
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+    Ok(StepResult {
+        out_pps: 0.0,
+        server_busy_cores: sys::busy_between(s0, s1),
+        generator_busy: sys::busy_between(g0, g1),
+        loss: 0.0,
+        p50_ms: percentile(&mut lat, 0.5),
+        p99_ms: percentile(&mut lat, 0.99),
+        rss_mb: sys::rss_mb(server.id()),
+        sessions: step.n,
+        subscribed_tracks: 0,
+        join_p50_ms: None,
+        join_p99_ms: None,
+        ops_per_sec: Some(step.n as f64 / secs),
+    })
+}
