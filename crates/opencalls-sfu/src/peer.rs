@@ -17,7 +17,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{Extension, ExtensionValues, RtpWrite};
+use str0m::rtp::{Extension, RtpWrite};
 
 /// Header extension id we offer for abs-capture-time (unused by str0m's standard map).
 pub const ABS_CAPTURE_TIME_ID: u8 = 7;
@@ -25,6 +25,7 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig,
 
 pub use str0m::format::CodecSpec;
 pub use str0m::media::{Mid, Rid};
+pub use str0m::rtp::ExtensionValues;
 
 /// A DTLS certificate shared by every session of the process (building one per session
 /// costs milliseconds; the fingerprint is public anyway).

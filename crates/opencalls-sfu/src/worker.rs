@@ -26,10 +26,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
-use str0m::rtp::ExtensionValues;
 
 use crate::command::*;
-use crate::peer::{CodecSpec, Kind, Mid, PeerError, PeerEvent, PeerOutput, Rid};
+use crate::peer::{CodecSpec, ExtensionValues, Kind, Mid, PeerError, PeerEvent, PeerOutput, Rid};
 use crate::session::{Publication, Session, Subscription, TrackSlot};
 use crate::stun;
 

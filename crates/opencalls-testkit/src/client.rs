@@ -64,6 +64,7 @@ impl ClientPeer {
         let mut rtc = RtcConfig::new()
             .set_rtp_mode(true)
             .enable_pcmu(true, false)
+            .enable_pcma(true, false)
             .set_stats_interval(None)
             .build(now);
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");

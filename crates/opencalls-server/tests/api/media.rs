@@ -213,3 +213,60 @@ fn pulling_the_same_track_twice_gives_two_working_m_lines() {
     assert_eq!(msids.len(), 2);
     assert_ne!(msids[0], msids[1], "duplicate a=msid lines: {msids:?}");
 }
+
+#[test]
+fn every_codec_is_forwarded_as_is() {
+    let ts = TestServer::start(1);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Audio, MediaKind::Video], "codecs");
+    let sb = api.new_session();
+    let mut b = ClientPeer::new();
+    let mids = pull(
+        api,
+        &sb,
+        &mut b,
+        &[(&a.session, &a.names[0]), (&a.session, &a.names[1])],
+    );
+    assert!(pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_secs(5),
+        |p| p[1].connected
+    ));
+    let plan = [
+        (0, Codec::Opus),
+        (0, Codec::PCMU),
+        (0, Codec::PCMA),
+        (1, Codec::Vp8),
+        (1, Codec::Vp9),
+        (1, Codec::H264),
+        (1, Codec::Av1),
+    ];
+    let mut seq = [1u64, 1u64];
+    for (track, codec) in plan {
+        let before = b.received_on(mids[track]).len();
+        let pt = a.peer.pt(codec);
+        stream(
+            &mut a.peer,
+            &mut [&mut b],
+            a.mids[track],
+            pt,
+            seq[track],
+            10,
+        );
+        seq[track] += 10;
+        pump(
+            &mut [&mut a.peer, &mut b],
+            Duration::from_millis(500),
+            |p| p[1].received_on(mids[track]).len() >= before + 10,
+        );
+        let got = b.received_on(mids[track]);
+        let new = &got[before..];
+        assert!(new.len() >= 8, "{codec:?}: {} packets", new.len());
+        let want = b.pt(codec);
+        assert!(
+            new.iter().all(|r| r.pt == want),
+            "{codec:?} arrives as {codec:?} (pt {want}), got {:?}",
+            new.iter().map(|r| r.pt).collect::<Vec<_>>()
+        );
+    }
+}
