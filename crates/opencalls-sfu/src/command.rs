@@ -215,6 +215,12 @@ pub enum Command {
         /// Gets the outcome.
         reply: Reply<Result<CloseOutcome, SfuError>>,
     },
+    /// Test-only: panic inside this session's peer handling.
+    #[cfg(feature = "fault-injection")]
+    InjectPanic {
+        /// Session.
+        key: SessionKey,
+    },
     /// `GET sessions/{id}`.
     Get {
         /// Session.
@@ -233,6 +239,8 @@ impl std::fmt::Debug for Command {
             Command::Answer { .. } => "Answer",
             Command::Close { .. } => "Close",
             Command::Get { .. } => "Get",
+            #[cfg(feature = "fault-injection")]
+            Command::InjectPanic { .. } => "InjectPanic",
         };
         f.write_str(name)
     }

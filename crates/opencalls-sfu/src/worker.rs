@@ -1008,6 +1008,12 @@ impl Worker {
                 reply(r);
                 self.drain(key);
             }
+            #[cfg(feature = "fault-injection")]
+            Command::InjectPanic { key } => {
+                let _ = self.with_session(key, |_| -> Result<(), SfuError> {
+                    panic!("injected fault");
+                });
+            }
             Command::Get { key, reply } => {
                 let r = self
                     .sessions

@@ -109,3 +109,44 @@ fn garbage_and_forged_stun_are_dropped_and_sessions_survive() {
     stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 1, 20);
     assert!(b.received_on(mid).len() >= 15);
 }
+
+#[test]
+fn a_panic_in_one_session_closes_only_that_session() {
+    let ts = TestServer::start(1);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Video], "steady");
+    let sb = api.new_session();
+    let mut b = ClientPeer::new();
+    let mid = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
+    let mut doomed = publish(api, &[MediaKind::Audio], "doomed");
+    assert!(pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_secs(5),
+        |p| p[1].connected
+    ));
+
+    let control = ts.server().control();
+    let key = match control.registry().session(APP, &doomed.session) {
+        opencalls_server::registry::Lookup::Open(e) => e.key,
+        other => panic!("{other:?}"),
+    };
+    // The worker survives this.
+    std::panic::set_hook(Box::new(|_| {}));
+    control
+        .worker(0)
+        .send(opencalls_sfu::Command::InjectPanic { key });
+    let stats = control.worker(0).stats();
+    assert!(pump(
+        &mut [&mut a.peer, &mut b, &mut doomed.peer],
+        Duration::from_secs(3),
+        |_| { stats.crashed_sessions.load(Ordering::Relaxed) == 1 }
+    ));
+    let _ = std::panic::take_hook();
+    // Only that session is gone (410); the others keep working.
+    let r = api.send("GET", &format!("sessions/{}", doomed.session), None);
+    assert_eq!(r.status, 410, "{}", r.body);
+    let pt = a.peer.pt(Codec::Vp8);
+    stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 1, 20);
+    assert!(b.received_on(mid).len() >= 15);
+    assert_eq!(api.send("GET", &format!("sessions/{sb}"), None).status, 200);
+}
