@@ -3,13 +3,15 @@
 //!
 //! `cargo run --release -p opencalls-bench -- SCENARIO [--target opencalls|raw|janus|all] [--quick] --json FILE`
 //!
-//! The generator pins itself to core 0 and the server under test to core 1. Each step builds
+//! The run re-executes itself inside a network namespace it creates (root needed), where
+//! all media uses 10.213.0.1. The generator pins itself to core 0 and the server under test to core 1. Each step builds
 //! its topology from scratch (fresh server), warms up, then measures a window: RTP packets
 //! the subscribers received per second (`out_pps`), the server core's busy share from
 //! /proc/stat (softirq included), loss from sequence gaps, added latency from the
 //! publisher's abs-capture-time, and the server's RSS. A step whose generator core was
 //! saturated is reported `valid: false`.
 
+mod janus;
 mod peer;
 mod raw;
 mod raw_client;
@@ -46,6 +48,9 @@ struct Cli {
     /// Relay mode: seconds to run before exiting.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// Relay mode: address to bind.
+    #[arg(long, default_value = "127.0.0.1")]
+    ip: std::net::IpAddr,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -59,8 +64,15 @@ enum TargetArg {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if cli.scenario == "relay" {
-        return Ok(raw::run_relay(cli.port, Duration::from_secs(cli.seconds))?);
+        return Ok(raw::run_relay(
+            cli.ip,
+            cli.port,
+            Duration::from_secs(cli.seconds),
+        )?);
     }
+    // Every target runs inside a network namespace of the run's own (Janus's libnice gathers
+    // no loopback candidates, so media uses a veth address that exists only in there).
+    janus::reexec_in_netns(janus::NETNS_IP, Duration::from_secs(3600))?;
     let scenario = Scenario::parse(&cli.scenario)?;
     let json_path = cli
         .json

@@ -37,14 +37,14 @@ pub struct BenchPeer {
 }
 
 impl BenchPeer {
-    pub fn new(index: usize, light: bool) -> anyhow::Result<BenchPeer> {
+    pub fn new(index: usize, light: bool, ip: std::net::IpAddr) -> anyhow::Result<BenchPeer> {
         let now = Instant::now();
         let mut rtc = RtcConfig::new()
             .set_rtp_mode(true)
             .set_stats_interval(None)
             .set_extension(ABS_ID, Extension::AbsoluteCaptureTime)
             .build(now);
-        let socket = UdpSocket::bind("127.0.0.1:0".parse()?)?;
+        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
         let local = socket.local_addr()?;
         rtc.add_local_candidate(Candidate::host(local, "udp")?);
         Ok(BenchPeer {

@@ -6,12 +6,12 @@
 //! media whose first 4 bytes are its group id and is copied to that group's subscribers.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 /// Runs the relay until `limit` passes (bounded: it stops by itself).
-pub fn run_relay(port: u16, limit: Duration) -> std::io::Result<()> {
-    let sock = UdpSocket::bind(("127.0.0.1", port))?;
+pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> {
+    let sock = UdpSocket::bind((ip, port))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
     let _ = set_buffers(&sock);
     let mut groups: HashMap<u32, Vec<SocketAddr>> = HashMap::new();

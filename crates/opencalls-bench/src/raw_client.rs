@@ -20,7 +20,7 @@ pub struct RawPeer {
 impl RawPeer {
     pub fn new(index: usize, relay: SocketAddr) -> anyhow::Result<RawPeer> {
         Ok(RawPeer {
-            socket: UdpSocket::bind("127.0.0.1:0".parse()?)?,
+            socket: UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?,
             relay,
             index,
             buf: vec![0; 2048],

@@ -213,8 +213,15 @@ pub fn run_step(
         (Duration::from_secs(2), Duration::from_secs(5))
     };
     match (target, s) {
-        (Target::Janus, _) => anyhow::bail!("the janus target is not implemented yet"),
         (_, Scenario::JoinStorm) => anyhow::bail!("join-storm is not implemented yet"),
+        (Target::Janus, Scenario::Api) => {
+            anyhow::bail!("the api scenario measures the Calls API only")
+        }
+        (Target::Janus, _) => {
+            let mut w = JanusWorld::build(s.topology(step.n))?;
+            let pid = w.server.pid();
+            w.media.measure(warm, window, pid)
+        }
         (Target::Opencalls, Scenario::Api) => api_step(step, quick),
         (Target::Raw, Scenario::Api) => anyhow::bail!("a UDP relay has no API"),
         (Target::Opencalls, _) => {
@@ -226,6 +233,11 @@ pub fn run_step(
             w.media.measure(warm, window, w.relay.id())
         }
     }
+}
+
+/// Where media flows: the namespace's veth address.
+fn media_ip() -> std::net::IpAddr {
+    crate::janus::NETNS_IP.into()
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -499,7 +511,7 @@ impl OpencallsWorld {
         let mut sources = Vec::new();
         let mut names: Vec<(String, Vec<String>)> = Vec::new();
         for (i, kinds) in t.publishers.iter().enumerate() {
-            let mut p = BenchPeer::new(peers.len(), false)?;
+            let mut p = BenchPeer::new(peers.len(), false, media_ip())?;
             let session = api.new_session();
             let (offer, mids) = p.offer_send(kinds);
             let tracks: Vec<Value> = mids
@@ -553,7 +565,7 @@ impl OpencallsWorld {
         }
         let mut subscribed = 0;
         for pulls in &t.subscribers {
-            let mut p = BenchPeer::new(media.peers.len(), true)?;
+            let mut p = BenchPeer::new(media.peers.len(), true, media_ip())?;
             let session = api.new_session();
             let items: Vec<Value> = pulls
                 .iter()
@@ -658,7 +670,7 @@ impl RawWorld {
 /// `sessions/new` + `tracks/new` (push with an offer) as fast as one client can ask.
 fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
     let (server, api) = start_opencalls()?;
-    let mut peer = BenchPeer::new(0, false)?;
+    let mut peer = BenchPeer::new(0, false, media_ip())?;
     let (offer, mids) = peer.offer_send(&[MediaKind::Audio, MediaKind::Video]);
     let body = json!({"sessionDescription": {"type": "offer", "sdp": offer},
         "tracks": mids.iter().enumerate().map(|(k, m)| json!({"location": "local", "mid": m.to_string(), "trackName": format!("t{k}")})).collect::<Vec<_>>()});
@@ -692,4 +704,98 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         join_p99_ms: None,
         ops_per_sec: Some(step.n as f64 / secs),
     })
+}
+
+/// Janus 1.1.2 VideoRoom: one room, each publisher a feed, each subscriber one
+/// PeerConnection per feed it pulls (Janus's subscriber handles are per feed).
+struct JanusWorld {
+    media: Media,
+    // Dropped after `media`: the client's session keeps the PeerConnections up.
+    _client: crate::janus::JanusClient,
+    server: crate::janus::JanusServer,
+}
+
+impl JanusWorld {
+    fn build(t: Topology) -> anyhow::Result<JanusWorld> {
+        let port = free_port()?;
+        let server = crate::janus::JanusServer::start(port, media_ip(), Some(1))?;
+        let client = crate::janus::JanusClient::connect(port)?;
+        let room = client.create_room(t.publishers.len() as u32 + 1)?;
+        let mut peers = Vec::new();
+        let mut sources = Vec::new();
+        let mut feeds = Vec::new();
+        for (i, kinds) in t.publishers.iter().enumerate() {
+            let mut p = BenchPeer::new(peers.len(), false, media_ip())?;
+            let (offer, mids) = p.offer_send(kinds);
+            let (answer, feed) = client.publish(room, &format!("p{i}"), &offer)?;
+            p.accept_answer(&answer)?;
+            let now = Instant::now();
+            for (kind, mid) in kinds.iter().zip(&mids) {
+                let pt = p.pt(if *kind == MediaKind::Audio {
+                    Codec::Opus
+                } else {
+                    Codec::Vp8
+                });
+                sources.push((
+                    peers.len(),
+                    Source {
+                        kind: *kind,
+                        mid: *mid,
+                        pt,
+                        seq: 1,
+                        next: now,
+                        frame: 0,
+                        group: 0,
+                    },
+                ));
+            }
+            feeds.push(feed);
+            peers.push(Driver::Str0m(p));
+        }
+        let mut media = Media::new(peers, sources, t.publishers.len(), 0)?;
+        let end = Instant::now() + Duration::from_secs(10);
+        while !media
+            .peers
+            .iter()
+            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
+        {
+            anyhow::ensure!(Instant::now() < end, "publishers did not connect to janus");
+            media.run(Duration::from_millis(20), None);
+        }
+        let mut subscribed = 0;
+        for pulls in &t.subscribers {
+            let mut wanted: Vec<usize> = pulls.iter().map(|(p, _)| *p).collect();
+            wanted.dedup();
+            for pi in wanted {
+                let mut p = BenchPeer::new(media.peers.len(), true, media_ip())?;
+                let (handle, offer) = client.subscribe(room, feeds[pi])?;
+                let answer = p.accept_offer(&offer)?;
+                client.start_subscriber(handle, &answer)?;
+                let idx = media.peers.len();
+                media
+                    .poll
+                    .registry()
+                    .register(&mut p.socket, Token(idx), Interest::READABLE)?;
+                media.peers.push(Driver::Str0m(p));
+                media.sessions += 1;
+                media.run(Duration::from_millis(1), None);
+            }
+            subscribed += pulls.len();
+        }
+        media.subscribed_tracks = subscribed;
+        let end = Instant::now() + Duration::from_secs(30);
+        while !media
+            .peers
+            .iter()
+            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
+        {
+            anyhow::ensure!(Instant::now() < end, "subscribers did not connect to janus");
+            media.run(Duration::from_millis(20), None);
+        }
+        Ok(JanusWorld {
+            media,
+            _client: client,
+            server,
+        })
+    }
 }
