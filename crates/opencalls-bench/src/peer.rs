@@ -44,7 +44,9 @@ impl BenchPeer {
             .set_stats_interval(None)
             .set_extension(ABS_ID, Extension::AbsoluteCaptureTime)
             .build(now);
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        let std_socket = crate::raw::bind_with_buffers(SocketAddr::new(ip, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let socket = UdpSocket::from_std(std_socket);
         let local = socket.local_addr()?;
         rtc.add_local_candidate(Candidate::host(local, "udp")?);
         Ok(BenchPeer {

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 /// Runs the relay until `limit` passes (bounded: it stops by itself).
 pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> {
-    let sock = UdpSocket::bind((ip, port))?;
+    let sock = bind_with_buffers(SocketAddr::new(ip, port))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let _ = set_buffers(&sock);
     let mut groups: HashMap<u32, Vec<SocketAddr>> = HashMap::new();
     let mut buf = [0u8; 2048];
     let end = Instant::now() + limit;
@@ -42,7 +41,12 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
     Ok(())
 }
 
-fn set_buffers(_sock: &UdpSocket) -> std::io::Result<()> {
-    // std offers no SO_RCVBUF setter; the kernel defaults (212 KB) are what the SFU gets too.
-    Ok(())
+/// The same 4 MB kernel buffers the SFU's media sockets get.
+pub fn bind_with_buffers(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    let _ = sock.set_recv_buffer_size(4 << 20);
+    let _ = sock.set_send_buffer_size(4 << 20);
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
 }

@@ -20,7 +20,11 @@ pub struct RawPeer {
 impl RawPeer {
     pub fn new(index: usize, relay: SocketAddr) -> anyhow::Result<RawPeer> {
         Ok(RawPeer {
-            socket: UdpSocket::bind(SocketAddr::new(relay.ip(), 0))?,
+            socket: UdpSocket::from_std({
+                let s = crate::raw::bind_with_buffers(SocketAddr::new(relay.ip(), 0))?;
+                s.set_nonblocking(true)?;
+                s
+            }),
             relay,
             index,
             buf: vec![0; 2048],

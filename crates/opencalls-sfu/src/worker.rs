@@ -166,7 +166,7 @@ impl MediaPlane {
                     })?;
                     bind.set_port(port);
                 }
-                let mut sock = UdpSocket::bind(bind)?;
+                let mut sock = UdpSocket::from_std(bind_udp(bind)?);
                 poll.registry()
                     .register(&mut sock, Token(i), Interest::READABLE)?;
                 let advertised = SocketAddr::new(ep.advertise, sock.local_addr()?.port());
@@ -300,6 +300,21 @@ struct Worker {
 
 fn incr(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Kernel socket buffer size for media sockets: keyframe bursts from many publishers
+/// must not overflow the default (~200 KB) receive buffer.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+    // Best effort: the kernel caps these at net.core.[rw]mem_max.
+    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    Ok(sock.into())
 }
 
 /// Header extensions that describe the media and so travel end to end; the others
