@@ -409,6 +409,32 @@ impl Media {
         Ok(m)
     }
 
+    /// Runs media until every str0m peer is connected, or fails after `limit`.
+    fn wait_connected(&mut self, limit: Duration, what: &str) -> anyhow::Result<()> {
+        let end = Instant::now() + limit;
+        while !self
+            .peers
+            .iter()
+            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
+        {
+            anyhow::ensure!(Instant::now() < end, "{what}");
+            self.run(Duration::from_millis(20), None);
+        }
+        Ok(())
+    }
+
+    /// Adds a subscriber peer while the world runs.
+    fn add(&mut self, mut p: BenchPeer) -> anyhow::Result<()> {
+        let idx = self.peers.len();
+        self.poll
+            .registry()
+            .register(&mut p.socket, Token(idx), Interest::READABLE)?;
+        self.peers.push(Driver::Str0m(p));
+        self.sessions += 1;
+        self.run(Duration::from_millis(1), None);
+        Ok(())
+    }
+
     /// Sends due media and reads what arrived, for `d`.
     fn run(&mut self, d: Duration, mut meter: Option<&mut Meter>) {
         let end = Instant::now() + d;
@@ -499,6 +525,37 @@ impl Media {
     }
 }
 
+/// The sending state of a str0m publisher's m-lines (Opus for audio, VP8 for video).
+fn str0m_sources(
+    index: usize,
+    p: &BenchPeer,
+    kinds: &[MediaKind],
+    mids: &[Mid],
+) -> Vec<(usize, Source)> {
+    let now = Instant::now();
+    kinds
+        .iter()
+        .zip(mids)
+        .map(|(kind, mid)| {
+            let codec = if *kind == MediaKind::Audio {
+                Codec::Opus
+            } else {
+                Codec::Vp8
+            };
+            let source = Source {
+                kind: *kind,
+                mid: *mid,
+                pt: p.pt(codec),
+                seq: 1,
+                next: now,
+                frame: 0,
+                group: 0,
+            };
+            (index, source)
+        })
+        .collect()
+}
+
 struct OpencallsWorld {
     server: Proc,
     media: Media,
@@ -526,26 +583,7 @@ impl OpencallsWorld {
             );
             anyhow::ensure!(r.status == 200, "push failed: {}", r.body);
             p.accept_answer(r.json()["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
-            let now = Instant::now();
-            for (kind, mid) in kinds.iter().zip(&mids) {
-                let pt = p.pt(if *kind == MediaKind::Audio {
-                    Codec::Opus
-                } else {
-                    Codec::Vp8
-                });
-                sources.push((
-                    peers.len(),
-                    Source {
-                        kind: *kind,
-                        mid: *mid,
-                        pt,
-                        seq: 1,
-                        next: now,
-                        frame: 0,
-                        group: 0,
-                    },
-                ));
-            }
+            sources.extend(str0m_sources(peers.len(), &p, kinds, &mids));
             names.push((
                 session,
                 (0..kinds.len()).map(|k| format!("p{i}t{k}")).collect(),
@@ -554,15 +592,7 @@ impl OpencallsWorld {
         }
         let mut media = Media::new(peers, sources, t.publishers.len(), 0)?;
         // Publishers connect and start sending before anyone subscribes.
-        let end = Instant::now() + Duration::from_secs(10);
-        while !media
-            .peers
-            .iter()
-            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
-        {
-            anyhow::ensure!(Instant::now() < end, "publishers did not connect");
-            media.run(Duration::from_millis(20), None);
-        }
+        media.wait_connected(Duration::from_secs(10), "publishers did not connect")?;
         let mut subscribed = 0;
         for pulls in &t.subscribers {
             let mut p = BenchPeer::new(media.peers.len(), true, media_ip())?;
@@ -586,25 +616,10 @@ impl OpencallsWorld {
             );
             anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
             subscribed += pulls.len();
-            let idx = media.peers.len();
-            media
-                .poll
-                .registry()
-                .register(&mut p.socket, Token(idx), Interest::READABLE)?;
-            media.peers.push(Driver::Str0m(p));
-            media.sessions += 1;
-            media.run(Duration::from_millis(1), None);
+            media.add(p)?;
         }
         media.subscribed_tracks = subscribed;
-        let end = Instant::now() + Duration::from_secs(20);
-        while !media
-            .peers
-            .iter()
-            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
-        {
-            anyhow::ensure!(Instant::now() < end, "subscribers did not connect");
-            media.run(Duration::from_millis(20), None);
-        }
+        media.wait_connected(Duration::from_secs(20), "subscribers did not connect")?;
         Ok(OpencallsWorld { server, media })
     }
 }
@@ -729,39 +744,15 @@ impl JanusWorld {
             let (offer, mids) = p.offer_send(kinds);
             let (answer, feed) = client.publish(room, &format!("p{i}"), &offer)?;
             p.accept_answer(&answer)?;
-            let now = Instant::now();
-            for (kind, mid) in kinds.iter().zip(&mids) {
-                let pt = p.pt(if *kind == MediaKind::Audio {
-                    Codec::Opus
-                } else {
-                    Codec::Vp8
-                });
-                sources.push((
-                    peers.len(),
-                    Source {
-                        kind: *kind,
-                        mid: *mid,
-                        pt,
-                        seq: 1,
-                        next: now,
-                        frame: 0,
-                        group: 0,
-                    },
-                ));
-            }
+            sources.extend(str0m_sources(peers.len(), &p, kinds, &mids));
             feeds.push(feed);
             peers.push(Driver::Str0m(p));
         }
         let mut media = Media::new(peers, sources, t.publishers.len(), 0)?;
-        let end = Instant::now() + Duration::from_secs(10);
-        while !media
-            .peers
-            .iter()
-            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
-        {
-            anyhow::ensure!(Instant::now() < end, "publishers did not connect to janus");
-            media.run(Duration::from_millis(20), None);
-        }
+        media.wait_connected(
+            Duration::from_secs(10),
+            "publishers did not connect to janus",
+        )?;
         let mut subscribed = 0;
         for pulls in &t.subscribers {
             let mut wanted: Vec<usize> = pulls.iter().map(|(p, _)| *p).collect();
@@ -771,27 +762,15 @@ impl JanusWorld {
                 let (handle, offer) = client.subscribe(room, feeds[pi])?;
                 let answer = p.accept_offer(&offer)?;
                 client.start_subscriber(handle, &answer)?;
-                let idx = media.peers.len();
-                media
-                    .poll
-                    .registry()
-                    .register(&mut p.socket, Token(idx), Interest::READABLE)?;
-                media.peers.push(Driver::Str0m(p));
-                media.sessions += 1;
-                media.run(Duration::from_millis(1), None);
+                media.add(p)?;
             }
             subscribed += pulls.len();
         }
         media.subscribed_tracks = subscribed;
-        let end = Instant::now() + Duration::from_secs(30);
-        while !media
-            .peers
-            .iter()
-            .all(|p| matches!(p, Driver::Str0m(p) if p.connected))
-        {
-            anyhow::ensure!(Instant::now() < end, "subscribers did not connect to janus");
-            media.run(Duration::from_millis(20), None);
-        }
+        media.wait_connected(
+            Duration::from_secs(30),
+            "subscribers did not connect to janus",
+        )?;
         Ok(JanusWorld {
             media,
             _client: client,

@@ -35,14 +35,7 @@ fn garbage_and_forged_stun_are_dropped_and_sessions_survive() {
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Video], "victim");
-    let sb = api.new_session();
-    let mut b = ClientPeer::new();
-    let mid = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
-    assert!(pump(
-        &mut [&mut a.peer, &mut b],
-        Duration::from_secs(5),
-        |p| p[1].connected
-    ));
+    let (_, mut b, mid) = subscribe_connected(api, &mut a);
 
     let worker = &ts.server().control().workers()[0];
     let media_addr = worker.candidates()[0];

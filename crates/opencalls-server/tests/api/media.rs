@@ -137,14 +137,7 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     let ts = TestServer::start(2);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Video], "lossy");
-    let sb = api.new_session();
-    let mut b = ClientPeer::new();
-    let mid = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
-    assert!(pump(
-        &mut [&mut a.peer, &mut b],
-        Duration::from_secs(5),
-        |p| p[1].connected
-    ));
+    let (_, mut b, mid) = subscribe_connected(api, &mut a);
     // Lose packets publisher → SFU, and (other ones) SFU → subscriber.
     a.peer.drop_outgoing_rtp = vec![20, 35];
     b.drop_incoming_rtp = vec![10, 28, 29];

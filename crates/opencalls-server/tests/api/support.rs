@@ -178,3 +178,18 @@ pub fn stream(
     }
     sent
 }
+
+/// A fresh session that pulls the publisher's first track, connected. Returns (session id,
+/// client, the pulled mid).
+pub fn subscribe_connected(api: &Api, a: &mut Publisher) -> (String, ClientPeer, Mid) {
+    let session = api.new_session();
+    let mut peer = ClientPeer::new();
+    let mid = pull(api, &session, &mut peer, &[(&a.session, &a.names[0])])[0];
+    assert!(
+        pump(&mut [&mut a.peer, &mut peer], Duration::from_secs(5), |p| p
+            [1]
+        .connected),
+        "subscriber connects"
+    );
+    (session, peer, mid)
+}
