@@ -107,7 +107,7 @@ pub fn spawn_event_loop(
                 match ev {
                     opencalls_sfu::MediaEvent::SessionClosed { key, reason } => {
                         tracing::debug!(session = key.0, ?reason, "session closed");
-                        reg.session_closed(key, reason);
+                        reg.session_closed(key, reason, std::time::Instant::now());
                     }
                     opencalls_sfu::MediaEvent::PublicationClosed { key, track_name } => {
                         reg.publication_closed(key, &track_name);

@@ -3,7 +3,8 @@
 //! Invariant: every lookup is scoped by app: a session or track of another app is
 //! reported exactly like one that does not exist.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
 
 use opencalls_sfu::{CloseReason, Kind, SessionKey, TrackKey, WorkerIndex};
 
@@ -31,12 +32,17 @@ pub struct PublicationEntry {
     pub kind: Kind,
 }
 
+/// How long a closed session keeps answering 410 before it is forgotten (404).
+pub const CLOSED_SESSION_TTL: Duration = Duration::from_secs(600);
+
 /// Sessions by Calls id and publications by (session id, track name).
 #[derive(Debug, Default)]
 pub struct Registry {
     sessions: HashMap<String, SessionEntry>,
     ids: HashMap<SessionKey, String>,
     publications: HashMap<(String, String), PublicationEntry>,
+    /// Closed sessions, oldest first, so forgetting them never scans the open ones.
+    closed: VecDeque<(Instant, SessionKey)>,
 }
 
 /// How a session lookup ended.
@@ -96,8 +102,9 @@ impl Registry {
             .copied()
     }
 
-    /// The media plane closed a session: its publications go, the id answers 410.
-    pub fn session_closed(&mut self, key: SessionKey, reason: CloseReason) {
+    /// The media plane closed a session: its publications go, the id answers 410 for
+    /// [`CLOSED_SESSION_TTL`], then is forgotten.
+    pub fn session_closed(&mut self, key: SessionKey, reason: CloseReason, now: Instant) {
         let Some(id) = self.ids.get(&key).cloned() else {
             return;
         };
@@ -105,6 +112,21 @@ impl Registry {
             e.closed = Some(reason);
         }
         self.publications.retain(|(sid, _), _| *sid != id);
+        self.closed.push_back((now, key));
+        while let Some((at, old)) = self.closed.front().copied() {
+            if now.saturating_duration_since(at) < CLOSED_SESSION_TTL {
+                break;
+            }
+            self.closed.pop_front();
+            if let Some(old_id) = self.ids.remove(&old) {
+                self.sessions.remove(&old_id);
+            }
+        }
+    }
+
+    /// Number of sessions remembered, open or closed.
+    pub fn remembered_sessions(&self) -> usize {
+        self.sessions.len()
     }
 
     /// The media plane closed one publication.
@@ -120,5 +142,52 @@ impl Registry {
             .values()
             .filter(|e| e.closed.is_none())
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(key: u64) -> SessionEntry {
+        SessionEntry {
+            app: "a".into(),
+            key: SessionKey(key),
+            worker: 0,
+            closed: None,
+        }
+    }
+
+    #[test]
+    fn closed_sessions_answer_gone_then_are_forgotten() {
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        r.insert_session("s1".into(), entry(1));
+        r.insert_session("s2".into(), entry(2));
+        r.publish(
+            "s1",
+            "t",
+            PublicationEntry {
+                key: TrackKey(9),
+                worker: 0,
+                kind: Kind::Audio,
+            },
+        );
+        r.session_closed(SessionKey(1), CloseReason::Disconnected, t0);
+        assert!(matches!(r.session("a", "s1"), Lookup::Closed));
+        assert!(r.publication("a", "s1", "t").is_none());
+        assert!(
+            matches!(r.session("b", "s2"), Lookup::Unknown),
+            "other app sees nothing"
+        );
+        // Much later, another close sweeps the first one out; open sessions stay.
+        r.session_closed(
+            SessionKey(2),
+            CloseReason::Disconnected,
+            t0 + CLOSED_SESSION_TTL + Duration::from_secs(1),
+        );
+        assert!(matches!(r.session("a", "s1"), Lookup::Unknown));
+        assert!(matches!(r.session("a", "s2"), Lookup::Closed));
+        assert_eq!(r.remembered_sessions(), 1);
     }
 }
