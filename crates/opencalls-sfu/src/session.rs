@@ -92,7 +92,7 @@ pub(crate) struct Session {
     pub disconnected_since: Option<Instant>,
     /// Client addresses ICE validated for this session.
     pub addrs: Vec<SocketAddr>,
-    /// The peer's current deadline.
+    /// The wake scheduled in the worker's timer heap (at or before the peer's deadline).
     pub next_timeout: Option<Instant>,
 }
 

@@ -467,7 +467,11 @@ impl Worker {
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
                 PeerOutput::Timeout(t) => {
-                    if session.next_timeout != Some(t) {
+                    // Only an earlier deadline needs a new heap entry: a later one is
+                    // picked up when the scheduled wake runs (str0m takes early timeouts
+                    // fine). Forwarding changes the deadline on nearly every write, so
+                    // this keeps the heap from filling with superseded entries.
+                    if session.next_timeout.is_none_or(|scheduled| t < scheduled) {
                         session.next_timeout = Some(t);
                         self.timers.push(Reverse((t, key)));
                     }
