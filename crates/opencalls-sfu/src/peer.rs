@@ -19,6 +19,9 @@ use str0m::media::{Direction, KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
 use str0m::rtp::{Extension, RtpWrite};
 
+/// Video packets kept per send stream for retransmission.
+pub const VIDEO_SEND_BUFFER: usize = 400;
+
 /// Header extension id we offer for abs-capture-time (unused by str0m's standard map).
 pub const ABS_CAPTURE_TIME_ID: u8 = 7;
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig, RtcError};
@@ -222,6 +225,10 @@ impl Peer {
             .enable_pcmu(true, false)
             .enable_pcma(true, false)
             .set_stats_interval(None)
+            // The send ring buffer doubles as the RTX cache. str0m's default (1000 video
+            // packets, ~5 s at 1.5 Mbit/s) is far more history than a NACK ever asks for;
+            // 400 (~2 s, several keyframes) keeps per-subscriber memory down.
+            .set_send_buffer_video(VIDEO_SEND_BUFFER)
             // Capture time travels end to end: receivers (and our benchmark) measure latency.
             .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
             .build(now);
