@@ -156,6 +156,14 @@ pub struct TracksResponse {
     pub tracks: Vec<TrackResult>,
 }
 
+/// `PUT tracks/update` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UpdateTracksRequest {
+    /// Pulled tracks to re-point or re-layer, by this session's mid.
+    pub tracks: Vec<TrackObject>,
+}
+
 /// `PUT renegotiate` body.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -71,6 +71,8 @@ pub enum ItemError {
     RepeatedTrackName,
     /// Closing something that is absent or already closed.
     AlreadyClosed,
+    /// The mid is not a pulled track of this session, or the new source does not fit it.
+    NotUpdatable(String),
     /// The session could not do it.
     Internal,
 }
@@ -130,6 +132,26 @@ pub struct PullOutcome {
     pub offer: Option<String>,
     /// The new mid per item, in request order.
     pub mids: Vec<Result<String, ItemError>>,
+}
+
+/// A `tracks/update` item: re-point a pulled m-line and/or change its simulcast layer.
+#[derive(Debug, Clone)]
+pub struct UpdateItem {
+    /// Mid of a pulled track in this session.
+    pub mid: String,
+    /// New publication to feed it (resolved by the control plane), if any.
+    pub source: Option<PullItem>,
+    /// New preferred simulcast layer, if any.
+    pub preferred_rid: Option<String>,
+}
+
+/// What an update did to one item: the (possibly new) source it now pulls.
+#[derive(Debug, Clone)]
+pub struct Updated {
+    /// Publisher session.
+    pub source_session_id: String,
+    /// Publication name.
+    pub track_name: String,
 }
 
 /// What a close did.
@@ -195,6 +217,15 @@ pub enum Command {
         /// Gets the outcome.
         reply: Reply<Result<PullOutcome, SfuError>>,
     },
+    /// `tracks/update`.
+    Update {
+        /// Session.
+        key: SessionKey,
+        /// Items.
+        items: Vec<Result<UpdateItem, ItemError>>,
+        /// Per item, in request order.
+        reply: Reply<Result<Vec<Result<Updated, ItemError>>, SfuError>>,
+    },
     /// `renegotiate`.
     Answer {
         /// Session.
@@ -237,6 +268,7 @@ impl std::fmt::Debug for Command {
             Command::Push { .. } => "Push",
             Command::Pull { .. } => "Pull",
             Command::Answer { .. } => "Answer",
+            Command::Update { .. } => "Update",
             Command::Close { .. } => "Close",
             Command::Get { .. } => "Get",
             #[cfg(feature = "fault-injection")]

@@ -26,6 +26,8 @@ pub struct SeqRewriter {
     start_out_seq: u64,
     /// Timestamp step assumed across a source switch (one 30 fps frame or 20 ms of audio).
     switch_ts_step: u32,
+    /// The next packet starts a new source.
+    pending_switch: bool,
 }
 
 impl SeqRewriter {
@@ -40,11 +42,16 @@ impl SeqRewriter {
             last_out_ts: first_ts,
             start_out_seq: u64::from(first_seq),
             switch_ts_step: clock_step,
+            pending_switch: false,
         }
     }
 
     /// Rewrites one packet; `None` for a duplicate or a packet too old to place.
     pub fn rewrite(&mut self, in_seq: u64, in_ts: u32) -> Option<(u64, u32)> {
+        if std::mem::take(&mut self.pending_switch) {
+            self.rebase(in_seq, in_ts);
+            return self.emit(in_seq, in_ts);
+        }
         match self.last_in_seq {
             None => self.rebase(in_seq, in_ts),
             Some(last) => {
@@ -61,12 +68,24 @@ impl SeqRewriter {
                 }
             }
         }
+        self.emit(in_seq, in_ts)
+    }
+
+    fn emit(&mut self, in_seq: u64, in_ts: u32) -> Option<(u64, u32)> {
         self.last_in_seq = Some(in_seq);
         let out_seq = in_seq.wrapping_add(self.seq_offset);
         let out_ts = in_ts.wrapping_add(self.ts_offset);
         self.last_out_seq = out_seq;
         self.last_out_ts = out_ts;
         Some((out_seq, out_ts))
+    }
+
+    /// The next packet comes from another RTP stream (another publication or simulcast
+    /// layer): continue the numbering after what was sent, whatever its sequence numbers.
+    pub fn switch_source(&mut self) {
+        if self.last_in_seq.is_some() {
+            self.pending_switch = true;
+        }
     }
 
     fn rebase(&mut self, in_seq: u64, in_ts: u32) {
@@ -138,6 +157,17 @@ mod tests {
         // publisher restarted: seq and ts jump
         assert_eq!(r.rewrite(40_000, 7), Some((12, 3000 + 3000)));
         assert_eq!(r.rewrite(40_001, 3007), Some((13, 9000)));
+    }
+
+    #[test]
+    fn explicit_switch_continues_even_with_nearby_sequence_numbers() {
+        let mut r = SeqRewriter::new(10, 0, 3000);
+        r.rewrite(100, 0);
+        r.rewrite(101, 3000);
+        r.switch_source();
+        // The new source's numbers are close to the old ones: still a new source.
+        assert_eq!(r.rewrite(90, 500), Some((12, 6000)));
+        assert_eq!(r.rewrite(91, 3500), Some((13, 9000)));
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub(crate) struct Subscription {
     /// Simulcast layer this subscriber gets (chosen at its first simulcast packet).
     pub layer: Option<Rid>,
     preferred: Option<Rid>,
+    pub kind: Kind,
     /// Publisher codec → our payload type, cached.
     pub pt: Option<(CodecSpec, u8)>,
 }
@@ -56,12 +57,34 @@ impl Subscription {
             rewriter: SeqRewriter::new(first_seq, rand::random(), step),
             layer: None,
             preferred: preferred.as_deref().map(Rid::from),
+            kind: item.kind,
             pt: None,
         }
     }
 }
 
 impl Subscription {
+    /// Feeds this m-line from another publication from the next packet on.
+    pub fn repoint(&mut self, item: PullItem) {
+        self.source = item.source;
+        self.source_worker = item.source_worker;
+        self.source_session_id = item.source_session_id;
+        self.track_name = item.track_name;
+        self.layer = None;
+        self.pt = None;
+        self.rewriter.switch_source();
+    }
+
+    /// Prefers another simulcast layer from the next packet of that layer on.
+    pub fn prefer_layer(&mut self, rid: &str) {
+        let rid = Rid::from(rid);
+        self.preferred = Some(rid);
+        if self.layer.is_some_and(|l| l != rid) {
+            self.layer = None;
+            self.rewriter.switch_source();
+        }
+    }
+
     /// Whether a packet of simulcast layer `rid` is for this subscriber. The first layer
     /// seen (or the preferred one) is kept; other layers are dropped.
     pub fn wants_layer(&mut self, rid: Option<Rid>) -> bool {
@@ -179,5 +202,10 @@ mod tests {
         let mut p = Subscription::new(item(Some("h")));
         assert!(!p.wants_layer(Some(Rid::from("q"))), "preferred layer wins");
         assert!(p.wants_layer(Some(Rid::from("h"))));
+
+        // tracks/update switches the layer.
+        p.prefer_layer("q");
+        assert!(!p.wants_layer(Some(Rid::from("h"))));
+        assert!(p.wants_layer(Some(Rid::from("q"))));
     }
 }

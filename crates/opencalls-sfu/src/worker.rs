@@ -839,6 +839,69 @@ impl Worker {
         true
     }
 
+    /// Re-points a pulled m-line and/or changes its simulcast layer (`tracks/update`).
+    fn update(&mut self, key: SessionKey, item: UpdateItem) -> Result<Updated, ItemError> {
+        let mid = Mid::from(item.mid.as_str());
+        let s = self.sessions.get_mut(&key).ok_or(ItemError::Internal)?;
+        let sub = s
+            .subscriptions
+            .get_mut(&mid)
+            .filter(|sub| sub.open)
+            .ok_or_else(|| {
+                ItemError::NotUpdatable(format!("mid {} is not an open pulled track", item.mid))
+            })?;
+        if let Some(new) = &item.source {
+            if new.kind != sub.kind {
+                return Err(ItemError::NotUpdatable(format!(
+                    "mid {} carries {}, the new track is {}",
+                    item.mid,
+                    sub.kind.as_str(),
+                    new.kind.as_str()
+                )));
+            }
+        }
+        if let Some(rid) = &item.preferred_rid {
+            sub.prefer_layer(rid);
+        }
+        let (old, old_worker) = (sub.source, sub.source_worker);
+        let switch = item.source.filter(|new| new.source != old);
+        if let Some(new) = switch {
+            let (track, worker) = (new.source, new.source_worker);
+            sub.repoint(new);
+            let done = Updated {
+                source_session_id: sub.source_session_id.clone(),
+                track_name: sub.track_name.clone(),
+            };
+            if let Some(list) = self.subscribers.get_mut(&old) {
+                list.retain(|e| *e != (key, mid));
+                if list.is_empty() {
+                    self.subscribers.remove(&old);
+                }
+            }
+            let me = self.index;
+            self.tell(
+                old_worker,
+                Msg::Detach {
+                    track: old,
+                    worker: me,
+                },
+            );
+            self.subscribers.entry(track).or_default().push((key, mid));
+            // Attaching asks the publisher for a keyframe.
+            self.tell(worker, Msg::Attach { track, worker: me });
+            return Ok(done);
+        }
+        let (track, w) = (sub.source, sub.source_worker);
+        let done = Updated {
+            source_session_id: sub.source_session_id.clone(),
+            track_name: sub.track_name.clone(),
+        };
+        if let Some(preferred) = item.preferred_rid.as_deref() {
+            self.request_keyframe(track, Some(Rid::from(preferred)), w);
+        }
+        Ok(done)
+    }
+
     fn subscribe(&mut self, key: SessionKey, mid: Mid, item: PullItem) {
         let (track, source_worker) = (item.source, item.source_worker);
         let Some(s) = self.sessions.get_mut(&key) else {
@@ -997,6 +1060,18 @@ impl Worker {
                     })
                 });
                 reply(r);
+            }
+            Command::Update { key, items, reply } => {
+                let r = if self.sessions.contains_key(&key) {
+                    Ok(items
+                        .into_iter()
+                        .map(|i| i.and_then(|i| self.update(key, i)))
+                        .collect())
+                } else {
+                    Err(SfuError::SessionGone)
+                };
+                reply(r);
+                self.drain(key);
             }
             Command::Answer { key, sdp, reply } => {
                 let r = self.with_session(key, |s| {

@@ -41,6 +41,10 @@ pub fn router(control: Arc<Control>) -> Router {
             "/sessions/{session_id}/tracks/close",
             put(sessions::close_tracks),
         )
+        .route(
+            "/sessions/{session_id}/tracks/update",
+            put(sessions::update_tracks),
+        )
         .route("/sessions/{session_id}", get(sessions::get_session));
     Router::new()
         .nest("/v1/apps/{app_id}", api.clone())

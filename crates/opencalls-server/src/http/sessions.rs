@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use opencalls_api::*;
-use opencalls_sfu::{Command, ItemError, PullItem, PushItem, SessionKey};
+use opencalls_sfu::{Command, ItemError, PullItem, PushItem, SessionKey, UpdateItem};
 
 use super::{authorize, read_json, ApiError};
 use crate::control::Control;
@@ -300,6 +300,7 @@ fn item_error(r: TrackResult, e: ItemError) -> TrackResult {
             ErrorCode::RepeatedLocalTrackError,
             "trackName is already published from another mid of this session",
         ),
+        ItemError::NotUpdatable(why) => r.with_error(ErrorCode::UpdateTrackError, why),
         ItemError::AlreadyClosed => {
             r.with_error(ErrorCode::CloseTrackError, CLOSE_TRACK_DESCRIPTION)
         }
@@ -384,6 +385,102 @@ pub async fn close_tracks(
     Ok(Json(TracksResponse {
         requires_immediate_renegotiation: false,
         session_description: outcome.answer.map(answer),
+        tracks,
+    }))
+}
+
+/// `PUT sessions/{id}/tracks/update`: re-point pulled m-lines to other publications and/or
+/// change their simulcast layer, without SDP.
+pub async fn update_tracks(
+    State(control): State<Arc<Control>>,
+    Path((app_id, session_id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<TracksResponse>> {
+    let session = open_session(&control, &app_id, &session_id, &headers)?;
+    let req: UpdateTracksRequest = read_json(body)
+        .await?
+        .ok_or_else(|| ApiError::decoding("empty body"))?;
+    if req.tracks.is_empty() || req.tracks.len() > MAX_TRACKS_PER_REQUEST {
+        return Err(ApiError::invalid_params(format!(
+            "Expecting 1 to {MAX_TRACKS_PER_REQUEST} tracks in the request"
+        )));
+    }
+    let mut items = Vec::with_capacity(req.tracks.len());
+    {
+        let reg = control.registry();
+        for t in &req.tracks {
+            let Some(mid) = t
+                .mid
+                .clone()
+                .filter(|m| !m.is_empty() && m.len() <= MAX_MID_LEN)
+            else {
+                return Err(ApiError::invalid_params(
+                    "every track needs the mid of a pulled track",
+                ));
+            };
+            let source = match (&t.session_id, &t.track_name) {
+                (Some(sid), Some(name)) => match reg.publication(&app_id, sid, name) {
+                    Some(p) => Some(PullItem {
+                        source: p.key,
+                        source_worker: p.worker,
+                        kind: p.kind,
+                        source_session_id: sid.clone(),
+                        track_name: name.clone(),
+                        preferred_rid: None,
+                    }),
+                    None => {
+                        items.push(Err(ItemError::TrackNotFound));
+                        continue;
+                    }
+                },
+                _ => None,
+            };
+            let preferred_rid = t.simulcast.as_ref().and_then(|s| s.preferred_rid.clone());
+            items.push(Ok(UpdateItem {
+                mid,
+                source,
+                preferred_rid,
+            }));
+        }
+    }
+    let key = session.key;
+    let results = control
+        .call(session.worker, |reply| Command::Update {
+            key,
+            items,
+            reply,
+        })
+        .await??;
+    let tracks = req
+        .tracks
+        .into_iter()
+        .zip(results)
+        .map(|(t, r)| {
+            let base = TrackResult {
+                mid: t.mid,
+                ..Default::default()
+            };
+            match r {
+                Ok(u) => TrackResult {
+                    session_id: Some(u.source_session_id),
+                    track_name: Some(u.track_name),
+                    ..base
+                },
+                Err(e) => item_error(
+                    TrackResult {
+                        session_id: t.session_id,
+                        track_name: t.track_name,
+                        ..base
+                    },
+                    e,
+                ),
+            }
+        })
+        .collect();
+    Ok(Json(TracksResponse {
+        requires_immediate_renegotiation: false,
+        session_description: None,
         tracks,
     }))
 }

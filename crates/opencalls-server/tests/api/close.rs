@@ -175,3 +175,80 @@ fn repushing_the_same_track_is_idempotent_and_names_are_unique() {
     a.peer
         .accept_answer(body["sessionDescription"]["sdp"].as_str().unwrap());
 }
+
+#[test]
+fn update_repoints_a_pulled_m_line_without_sdp() {
+    let ts = TestServer::start(2);
+    let api = &ts.api;
+    let mut a = publish(
+        api,
+        &[MediaKind::Video, MediaKind::Video, MediaKind::Audio],
+        "cams",
+    );
+    let sb = api.new_session();
+    let mut b = ClientPeer::new();
+    let mid = pull(api, &sb, &mut b, &[(&a.session, &a.names[0])])[0];
+    assert!(pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_secs(5),
+        |p| p[1].connected
+    ));
+    let pt = a.peer.pt(Codec::Vp8);
+    let first = stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 100, 15);
+
+    // Re-point the m-line to the other camera (Calls tracks/update, no renegotiation).
+    let r = api.send(
+        "PUT",
+        &format!("sessions/{sb}/tracks/update"),
+        Some(&json!({"tracks": [
+            {"location": "remote", "mid": mid.to_string(), "sessionId": a.session, "trackName": a.names[1]},
+            {"location": "remote", "mid": "nope", "sessionId": a.session, "trackName": a.names[1]},
+            {"location": "remote", "mid": mid.to_string(), "sessionId": a.session, "trackName": "ghost"},
+            {"location": "remote", "mid": mid.to_string(), "sessionId": a.session, "trackName": a.names[2]}
+        ]})),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let body = r.json();
+    assert_eq!(body["requiresImmediateRenegotiation"], false);
+    assert!(body.get("sessionDescription").is_none());
+    assert_eq!(
+        body["tracks"][0],
+        json!({"mid": mid.to_string(), "sessionId": a.session, "trackName": a.names[1]})
+    );
+    assert_eq!(body["tracks"][1]["errorCode"], "update_track_error");
+    assert_eq!(body["tracks"][2]["errorCode"], "not_found_track_error");
+    assert_eq!(
+        body["tracks"][3]["errorCode"], "update_track_error",
+        "audio cannot feed a video m-line"
+    );
+
+    // The old camera's packets stop; the new one's arrive on the same mid, numbered on.
+    let before = b.received_on(mid).len();
+    stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 115, 10);
+    assert_eq!(
+        b.received_on(mid).len(),
+        before,
+        "old source no longer forwarded"
+    );
+    let second = stream(&mut a.peer, &mut [&mut b], a.mids[1], pt, 5000, 15);
+    pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_millis(500),
+        |p| p[1].received_on(mid).len() >= before + 15,
+    );
+    let got = b.received_on(mid);
+    let after: Vec<Vec<u8>> = got[before..].iter().map(|r| r.payload.to_vec()).collect();
+    assert!(after.len() >= 12, "new source arrives ({})", after.len());
+    assert!(after
+        .iter()
+        .all(|p| second.contains(p) && !first.contains(p) || second.contains(p)));
+    for w in got.windows(2) {
+        assert_eq!(
+            w[1].seq,
+            w[0].seq + 1,
+            "numbering continues across the switch"
+        );
+    }
+    let g = api.send("GET", &format!("sessions/{sb}"), None).json();
+    assert_eq!(g["tracks"][0]["trackName"], a.names[1]);
+}
