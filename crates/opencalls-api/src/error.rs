@@ -32,6 +32,8 @@ pub enum ErrorCode {
     InternalError,
     /// The media plane cannot take the request right now.
     TemporarilyUnavailableError,
+    /// A transient condition (e.g. the per-session request rate); retry.
+    RetryableTransientError,
 }
 
 impl ErrorCode {
@@ -51,6 +53,7 @@ impl ErrorCode {
             ErrorCode::UpdateTrackError => "update_track_error",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::TemporarilyUnavailableError => "temporarily_unavailable_error",
+            ErrorCode::RetryableTransientError => "retryable_transient_error",
         }
     }
 }

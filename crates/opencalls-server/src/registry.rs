@@ -19,7 +19,14 @@ pub struct SessionEntry {
     pub worker: WorkerIndex,
     /// Set once the media plane closed it.
     pub closed: Option<CloseReason>,
+    /// Requests this session may still make now (Calls: 50 per second per session).
+    pub tokens: f64,
+    /// When `tokens` was last refilled.
+    pub refilled: Option<Instant>,
 }
+
+/// Calls' documented limit: 50 API requests per second per session.
+pub const REQUESTS_PER_SECOND: f64 = 50.0;
 
 /// A published track.
 #[derive(Debug, Clone, Copy)]
@@ -54,9 +61,33 @@ pub enum Lookup {
     Closed,
     /// Unknown (or another app's).
     Unknown,
+    /// Over the per-session request rate.
+    Limited,
 }
 
 impl Registry {
+    /// Finds `id` for `app` and charges one request to its rate budget (a token bucket of
+    /// [`REQUESTS_PER_SECOND`] per second, burst of the same size).
+    pub fn admit(&mut self, app: &str, id: &str, now: Instant) -> Lookup {
+        let Some(e) = self.sessions.get_mut(id).filter(|e| e.app == app) else {
+            return Lookup::Unknown;
+        };
+        if e.closed.is_some() {
+            return Lookup::Closed;
+        }
+        let elapsed = e
+            .refilled
+            .map(|t| now.saturating_duration_since(t).as_secs_f64())
+            .unwrap_or(1.0);
+        e.tokens = (e.tokens + elapsed * REQUESTS_PER_SECOND).min(REQUESTS_PER_SECOND);
+        e.refilled = Some(now);
+        if e.tokens < 1.0 {
+            return Lookup::Limited;
+        }
+        e.tokens -= 1.0;
+        Lookup::Open(e.clone())
+    }
+
     /// Adds a new session.
     pub fn insert_session(&mut self, id: String, entry: SessionEntry) {
         self.ids.insert(entry.key, id.clone());
@@ -155,7 +186,30 @@ mod tests {
             key: SessionKey(key),
             worker: 0,
             closed: None,
+            tokens: REQUESTS_PER_SECOND,
+            refilled: None,
         }
+    }
+
+    #[test]
+    fn fifty_requests_per_second_per_session() {
+        let mut r = Registry::default();
+        let t0 = Instant::now();
+        r.insert_session("s1".into(), entry(1));
+        r.insert_session("s2".into(), entry(2));
+        for _ in 0..50 {
+            assert!(matches!(r.admit("a", "s1", t0), Lookup::Open(_)));
+        }
+        assert!(matches!(r.admit("a", "s1", t0), Lookup::Limited));
+        assert!(
+            matches!(r.admit("a", "s2", t0), Lookup::Open(_)),
+            "other sessions unaffected"
+        );
+        assert!(matches!(
+            r.admit("a", "s1", t0 + Duration::from_millis(100)),
+            Lookup::Open(_)
+        ));
+        assert!(matches!(r.admit("b", "s1", t0), Lookup::Unknown));
     }
 
     #[test]

@@ -86,6 +86,15 @@ impl ApiError {
         )
     }
 
+    /// 429: over Calls' 50 requests per second per session; clients retry.
+    pub fn rate_limited() -> ApiError {
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RetryableTransientError,
+            "Too many requests for this session (limit: 50 per second)",
+        )
+    }
+
     /// 500.
     pub fn internal() -> ApiError {
         Self::new(

@@ -27,10 +27,14 @@ fn open_session(
     headers: &HeaderMap,
 ) -> ApiResult<SessionEntry> {
     authorize(control, app_id, headers)?;
-    match control.registry().session(app_id, session_id) {
+    match control
+        .registry()
+        .admit(app_id, session_id, std::time::Instant::now())
+    {
         Lookup::Open(e) => Ok(e),
         Lookup::Closed => Err(ApiError::session_gone()),
         Lookup::Unknown => Err(ApiError::not_found("session")),
+        Lookup::Limited => Err(ApiError::rate_limited()),
     }
 }
 
@@ -81,6 +85,8 @@ pub async fn new_session(
             key,
             worker: worker.index(),
             closed: None,
+            tokens: crate::registry::REQUESTS_PER_SECOND,
+            refilled: None,
         },
     );
     let sid = session_id.clone();

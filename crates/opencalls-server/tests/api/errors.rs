@@ -289,3 +289,28 @@ fn cors_preflight() {
         .header("access-control-allow-methods")
         .is_some_and(|h| h.contains("PUT")));
 }
+
+#[test]
+fn more_than_fifty_requests_a_second_get_429() {
+    let ts = TestServer::start(1);
+    let api = &ts.api;
+    let s = api.new_session();
+    let other = api.new_session();
+    // The bucket starts full: a burst of 50 is never refused, whatever the timing.
+    for _ in 0..50 {
+        assert_eq!(api.send("GET", &format!("sessions/{s}"), None).status, 200);
+    }
+    // Keep asking; the refill is 50/s, so a server answering faster than that must refuse
+    // some (the logic itself is unit-tested with a virtual clock in registry.rs).
+    let limited = (0..1000)
+        .map(|_| api.send("GET", &format!("sessions/{s}"), None))
+        .find(|r| r.status != 200)
+        .expect("a 429 within 1000 back-to-back requests");
+    assert_eq!(limited.status, 429, "{}", limited.body);
+    assert_eq!(limited.json()["errorCode"], "retryable_transient_error");
+    assert_eq!(
+        api.send("GET", &format!("sessions/{other}"), None).status,
+        200,
+        "per session"
+    );
+}
