@@ -123,6 +123,20 @@ pub struct PullItem {
     pub track_name: String,
     /// Simulcast layer to forward (`simulcast.preferredRid`); default: the first seen.
     pub preferred_rid: Option<String>,
+    /// `mid: "#name"`: send on the existing sendrecv m-line of this session's local track
+    /// `name` instead of adding an m-line.
+    pub onto: Option<String>,
+}
+
+/// A local track published without a client offer: the SFU offers an m-line for it.
+#[derive(Debug, Clone)]
+pub struct PublishItem {
+    /// Name other sessions pull it by.
+    pub track_name: String,
+    /// Audio or video.
+    pub kind: Kind,
+    /// `bidirectionalMediaStream`: a sendrecv m-line that can later carry a pulled track.
+    pub bidirectional: bool,
 }
 
 /// What a pull did.
@@ -217,6 +231,15 @@ pub enum Command {
         /// Gets the outcome.
         reply: Reply<Result<PullOutcome, SfuError>>,
     },
+    /// `tracks/new` with local tracks and no offer: the SFU offers their m-lines.
+    Publish {
+        /// Session.
+        key: SessionKey,
+        /// Items.
+        items: Vec<PublishItem>,
+        /// The SFU offer and the new mid per item.
+        reply: Reply<Result<PullOutcome, SfuError>>,
+    },
     /// `tracks/update`.
     Update {
         /// Session.
@@ -232,8 +255,8 @@ pub enum Command {
         key: SessionKey,
         /// Client answer.
         sdp: String,
-        /// Done.
-        reply: Reply<Result<(), SfuError>>,
+        /// Tracks published by this answer (offered with `Publish`).
+        reply: Reply<Result<Vec<Published>, SfuError>>,
     },
     /// `tracks/close`.
     Close {
@@ -269,6 +292,7 @@ impl std::fmt::Debug for Command {
             Command::Pull { .. } => "Pull",
             Command::Answer { .. } => "Answer",
             Command::Update { .. } => "Update",
+            Command::Publish { .. } => "Publish",
             Command::Close { .. } => "Close",
             Command::Get { .. } => "Get",
             #[cfg(feature = "fault-injection")]

@@ -175,13 +175,24 @@ pub enum PeerOutput {
     Timeout(Instant),
 }
 
+/// Which way media flows on an m-line, seen from the SFU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// The SFU sends (a pulled track).
+    Send,
+    /// The SFU receives (a track published without a client offer).
+    Recv,
+    /// Both (`bidirectionalMediaStream`).
+    SendRecv,
+}
+
 /// An m-line the SFU adds in its own offer.
 #[derive(Debug, Clone)]
 pub struct NewMedia {
     /// Audio or video.
     pub kind: Kind,
-    /// Send only (pull) or send and receive.
-    pub send_recv: bool,
+    /// Direction from the SFU's side.
+    pub flow: Flow,
     /// `a=msid` stream id.
     pub stream_id: String,
     /// `a=msid` track id.
@@ -285,10 +296,10 @@ impl Peer {
         let mids: Vec<Mid> = medias
             .iter()
             .map(|m| {
-                let dir = if m.send_recv {
-                    Direction::SendRecv
-                } else {
-                    Direction::SendOnly
+                let dir = match m.flow {
+                    Flow::Send => Direction::SendOnly,
+                    Flow::Recv => Direction::RecvOnly,
+                    Flow::SendRecv => Direction::SendRecv,
                 };
                 api.add_media(
                     m.kind.to_str0m(),
@@ -327,6 +338,13 @@ impl Peer {
             return None;
         }
         Some((Kind::from_str0m(m.kind()), m.direction().is_receiving()))
+    }
+
+    /// Whether we may send on an m-line (a `#trackName` pull reuses a sendrecv one).
+    pub fn can_send(&self, mid: Mid) -> bool {
+        self.rtc
+            .media(mid)
+            .is_some_and(|m| !m.disabled() && m.direction().is_sending())
     }
 
     /// Every receiving m-line, in SDP order (autoDiscover).

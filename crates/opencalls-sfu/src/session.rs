@@ -110,6 +110,8 @@ pub(crate) struct Session {
     pub order: Vec<TrackSlot>,
     /// Pulls waiting for the answer to our offer.
     pub pending_pulls: Vec<(Mid, PullItem)>,
+    /// Tracks published by our offer, waiting for its answer: (mid, track name).
+    pub pending_publishes: Vec<(Mid, String)>,
     /// Creation or last negotiation, for the never-connected timeout.
     pub last_negotiation: Instant,
     pub disconnected_since: Option<Instant>,
@@ -127,6 +129,7 @@ impl Session {
             subscriptions: HashMap::new(),
             order: Vec::new(),
             pending_pulls: Vec::new(),
+            pending_publishes: Vec::new(),
             last_negotiation: now,
             disconnected_since: None,
             addrs: Vec::new(),
@@ -185,6 +188,7 @@ mod tests {
             source_session_id: "s".into(),
             track_name: "t".into(),
             preferred_rid: preferred.map(String::from),
+            onto: None,
         }
     }
 

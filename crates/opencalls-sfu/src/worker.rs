@@ -28,7 +28,9 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::command::*;
-use crate::peer::{CodecSpec, ExtensionValues, Kind, Mid, PeerError, PeerEvent, PeerOutput, Rid};
+use crate::peer::{
+    CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput, Rid,
+};
 use crate::session::{Publication, Session, Subscription, TrackSlot};
 use crate::stun;
 
@@ -1006,57 +1008,51 @@ impl Worker {
                 self.drain(key);
             }
             Command::Pull { key, items, reply } => {
+                let r = self.pull(key, items, now);
+                reply(r);
+                self.drain(key);
+            }
+            Command::Publish { key, items, reply } => {
                 let r = self.with_session(key, |s| {
                     if s.peer.has_pending_offer() {
                         return Err(SfuError::OfferPending);
                     }
-                    // a=msid must be unique per m-line (browsers reject duplicates), and one
-                    // session may pull the same track twice: number the repeats.
-                    let mut seen: Vec<TrackKey> =
-                        s.subscriptions.values().map(|x| x.source).collect();
-                    let medias: Vec<crate::peer::NewMedia> = items
+                    let mut names: Vec<&str> = Vec::new();
+                    for i in &items {
+                        if s.published_mid(&i.track_name).is_some()
+                            || names.contains(&i.track_name.as_str())
+                        {
+                            return Err(SfuError::InvalidParams(format!(
+                                "trackName {:?} is already published in this session",
+                                i.track_name
+                            )));
+                        }
+                        names.push(&i.track_name);
+                    }
+                    let medias: Vec<NewMedia> = items
                         .iter()
-                        .filter_map(|i| i.as_ref().ok())
-                        .map(|i| {
-                            let repeats = seen.iter().filter(|k| **k == i.source).count();
-                            seen.push(i.source);
-                            crate::peer::NewMedia {
-                                kind: i.kind,
-                                send_recv: false,
-                                stream_id: i.source_session_id.clone(),
-                                track_id: if repeats == 0 {
-                                    i.track_name.clone()
-                                } else {
-                                    format!("{}-{}", i.track_name, repeats + 1)
-                                },
-                            }
+                        .map(|i| NewMedia {
+                            kind: i.kind,
+                            flow: if i.bidirectional {
+                                Flow::SendRecv
+                            } else {
+                                Flow::Recv
+                            },
+                            stream_id: "opencalls".into(),
+                            track_id: i.track_name.clone(),
                         })
                         .collect();
-                    if medias.is_empty() {
-                        let mids = items
-                            .into_iter()
-                            .map(|i| i.map(|_| String::new()))
-                            .collect();
-                        return Ok(PullOutcome { offer: None, mids });
-                    }
-                    let (offer, new_mids) = s.peer.create_offer(&medias).map_err(sdp_error)?;
-                    let mut new_mids = new_mids.into_iter();
-                    let mut mids = Vec::with_capacity(items.len());
+                    let (offer, mids) = s.peer.create_offer(&medias).map_err(sdp_error)?;
                     s.pending_pulls.clear();
-                    for item in items {
-                        match item {
-                            Ok(item) => {
-                                let mid = new_mids.next().ok_or(SfuError::Internal)?;
-                                mids.push(Ok(mid.to_string()));
-                                s.pending_pulls.push((mid, item));
-                            }
-                            Err(e) => mids.push(Err(e)),
-                        }
-                    }
+                    s.pending_publishes = mids
+                        .iter()
+                        .zip(&items)
+                        .map(|(m, i)| (*m, i.track_name.clone()))
+                        .collect();
                     s.last_negotiation = now;
                     Ok(PullOutcome {
                         offer: Some(offer),
-                        mids,
+                        mids: mids.iter().map(|m| Ok(m.to_string())).collect(),
                     })
                 });
                 reply(r);
@@ -1080,14 +1076,19 @@ impl Worker {
                     }
                     let accepted = s.peer.accept_answer(&sdp);
                     let pulls = std::mem::take(&mut s.pending_pulls);
+                    let publishes = std::mem::take(&mut s.pending_publishes);
                     accepted.map_err(sdp_error)?;
                     s.last_negotiation = now;
-                    Ok(pulls)
+                    Ok((pulls, publishes))
                 });
-                let r = r.map(|pulls| {
+                let r = r.map(|(pulls, publishes)| {
                     for (mid, item) in pulls {
                         self.subscribe(key, mid, item);
                     }
+                    publishes
+                        .into_iter()
+                        .filter_map(|(mid, name)| self.publish_mid(key, mid, name, now).ok())
+                        .collect()
                 });
                 reply(r);
                 self.drain(key);
@@ -1117,6 +1118,135 @@ impl Worker {
                 reply(r);
             }
         }
+    }
+
+    /// `tracks/new` with remote tracks: `#name` items reuse this session's sendrecv m-line
+    /// at once; the rest get m-lines in one SFU offer, subscribed when it is answered.
+    fn pull(
+        &mut self,
+        key: SessionKey,
+        items: Vec<Result<PullItem, ItemError>>,
+        now: Instant,
+    ) -> Result<PullOutcome, SfuError> {
+        enum Plan {
+            New(PullItem),
+            Onto(Mid, PullItem),
+            Failed(ItemError),
+        }
+        let s = self.sessions.get(&key).ok_or(SfuError::SessionGone)?;
+        if s.peer.has_pending_offer() {
+            return Err(SfuError::OfferPending);
+        }
+        let plans: Vec<Plan> = items
+            .into_iter()
+            .map(|i| match i {
+                Err(e) => Plan::Failed(e),
+                Ok(item) => match item.onto.clone() {
+                    None => Plan::New(item),
+                    Some(name) => match s.published_mid(&name).filter(|m| {
+                        s.peer.can_send(*m) && !s.subscriptions.get(m).is_some_and(|x| x.open)
+                    }) {
+                        Some(mid) => Plan::Onto(mid, item),
+                        None => Plan::Failed(ItemError::NotUpdatable(format!(
+                            "#{name} is not a free bidirectional local track of this session"
+                        ))),
+                    },
+                },
+            })
+            .collect();
+        let outcome = self.with_session(key, |s| {
+            // a=msid must be unique per m-line (browsers reject duplicates), and one
+            // session may pull the same track twice: number the repeats.
+            let mut seen: Vec<TrackKey> = s.subscriptions.values().map(|x| x.source).collect();
+            let medias: Vec<NewMedia> = plans
+                .iter()
+                .filter_map(|p| match p {
+                    Plan::New(i) => Some(i),
+                    _ => None,
+                })
+                .map(|i| {
+                    let repeats = seen.iter().filter(|k| **k == i.source).count();
+                    seen.push(i.source);
+                    NewMedia {
+                        kind: i.kind,
+                        flow: Flow::Send,
+                        stream_id: i.source_session_id.clone(),
+                        track_id: if repeats == 0 {
+                            i.track_name.clone()
+                        } else {
+                            format!("{}-{}", i.track_name, repeats + 1)
+                        },
+                    }
+                })
+                .collect();
+            let (offer, new_mids) = if medias.is_empty() {
+                (None, Vec::new())
+            } else {
+                let (o, m) = s.peer.create_offer(&medias).map_err(sdp_error)?;
+                s.last_negotiation = now;
+                (Some(o), m)
+            };
+            s.pending_pulls.clear();
+            s.pending_publishes.clear();
+            let mut new_mids = new_mids.into_iter();
+            let mut mids = Vec::with_capacity(plans.len());
+            let mut immediate = Vec::new();
+            for plan in plans {
+                match plan {
+                    Plan::New(item) => {
+                        let mid = new_mids.next().ok_or(SfuError::Internal)?;
+                        mids.push(Ok(mid.to_string()));
+                        s.pending_pulls.push((mid, item));
+                    }
+                    Plan::Onto(mid, item) => {
+                        mids.push(Ok(mid.to_string()));
+                        immediate.push((mid, item));
+                    }
+                    Plan::Failed(e) => mids.push(Err(e)),
+                }
+            }
+            Ok((PullOutcome { offer, mids }, immediate))
+        })?;
+        let (outcome, immediate) = outcome;
+        for (mid, item) in immediate {
+            self.subscribe(key, mid, item);
+        }
+        Ok(outcome)
+    }
+
+    /// Records a publication on receiving m-line `mid` (after a client offer, or after the
+    /// answer to our offer for a push without one).
+    fn publish_mid(
+        &mut self,
+        key: SessionKey,
+        mid: Mid,
+        track_name: String,
+        now: Instant,
+    ) -> Result<Published, ItemError> {
+        let s = self.sessions.get_mut(&key).ok_or(ItemError::Internal)?;
+        let Some((kind, true)) = s.peer.media(mid) else {
+            return Err(ItemError::MidNotFound(mid.to_string()));
+        };
+        let existing = s.publications.get(&mid).filter(|p| p.open);
+        match (existing, s.published_mid(&track_name)) {
+            // The same track pushed again (a client retry): same publication.
+            (Some(p), _) if p.track_name == track_name => return Ok(published(mid, p, kind)),
+            (_, Some(_)) | (Some(_), None) => return Err(ItemError::RepeatedTrackName),
+            (None, None) => {}
+        }
+        let p = Publication {
+            key: TrackKey::next(),
+            track_name,
+            open: true,
+            last_media: now,
+            pacer: Default::default(),
+            fanout: Vec::new(),
+        };
+        let out = published(mid, &p, kind);
+        self.publications.insert(p.key, (key, mid));
+        s.publications.insert(mid, p);
+        s.remember(TrackSlot::Published(mid));
+        Ok(out)
     }
 
     fn push(
@@ -1150,39 +1280,9 @@ impl Worker {
             }
         }
         let mut tracks = Vec::with_capacity(wanted.len());
-        let mut new_pubs = Vec::new();
         for (mid, track_name, _) in wanted {
-            let result = match s.peer.media(mid) {
-                Some((kind, true)) => {
-                    let existing = s.publications.get(&mid).filter(|p| p.open);
-                    match (existing, s.published_mid(&track_name)) {
-                        // The same track pushed again (a client retry): same publication.
-                        (Some(p), _) if p.track_name == track_name => Ok(published(mid, p, kind)),
-                        (_, Some(_)) => Err(ItemError::RepeatedTrackName),
-                        (Some(_), None) => Err(ItemError::RepeatedTrackName),
-                        (None, None) => {
-                            let p = Publication {
-                                key: TrackKey::next(),
-                                track_name: track_name.clone(),
-                                open: true,
-                                last_media: now,
-                                pacer: Default::default(),
-                                fanout: Vec::new(),
-                            };
-                            let out = published(mid, &p, kind);
-                            new_pubs.push((p.key, mid));
-                            s.publications.insert(mid, p);
-                            s.remember(TrackSlot::Published(mid));
-                            Ok(out)
-                        }
-                    }
-                }
-                _ => Err(ItemError::MidNotFound(mid.to_string())),
-            };
+            let result = self.publish_mid(key, mid, track_name.clone(), now);
             tracks.push(result.map_err(|e| (track_name, e)));
-        }
-        for (track, mid) in new_pubs {
-            self.publications.insert(track, (key, mid));
         }
         Ok(PushOutcome { answer, tracks })
     }

@@ -8,7 +8,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use opencalls_api::*;
-use opencalls_sfu::{Command, ItemError, PullItem, PushItem, SessionKey, UpdateItem};
+use opencalls_sfu::{
+    Command, ItemError, Kind, PublishItem, PullItem, PushItem, SessionKey, UpdateItem,
+};
 
 use super::{authorize, read_json, ApiError};
 use crate::control::Control;
@@ -147,9 +149,7 @@ pub async fn new_tracks(
         (None, false) if tracks.is_empty() => Err(ApiError::invalid_params(
             "nothing to do: send an offer with local tracks or autoDiscover, or remote tracks",
         )),
-        (None, false) => Err(ApiError::invalid_params(
-            "publishing local tracks without a client offer is not supported; send an offer",
-        )),
+        (None, false) => publish_without_offer(&control, &session, tracks).await,
     }
 }
 
@@ -223,6 +223,65 @@ async fn push(
     }))
 }
 
+/// Local tracks with no client offer: the SFU offers one m-line per track (recvonly, or
+/// sendrecv with `bidirectionalMediaStream`); they are published when the answer arrives.
+async fn publish_without_offer(
+    control: &Control,
+    session: &SessionEntry,
+    tracks: Vec<TrackObject>,
+) -> ApiResult<Json<TracksResponse>> {
+    let mut items = Vec::with_capacity(tracks.len());
+    for t in &tracks {
+        let kind = match t.kind.as_deref() {
+            Some("audio") => Kind::Audio,
+            Some("video") => Kind::Video,
+            _ => {
+                return Err(ApiError::invalid_params(
+                    "a local track without a client offer needs kind \"audio\" or \"video\"",
+                ))
+            }
+        };
+        let Some(track_name) = t.track_name.clone().filter(|n| !n.is_empty()) else {
+            return Err(ApiError::invalid_params("local tracks need a trackName"));
+        };
+        items.push(PublishItem {
+            track_name,
+            kind,
+            bidirectional: t.bidirectional_media_stream.unwrap_or(false),
+        });
+    }
+    let key = session.key;
+    let outcome = control
+        .call(session.worker, |reply| Command::Publish {
+            key,
+            items,
+            reply,
+        })
+        .await??;
+    let results = tracks
+        .into_iter()
+        .zip(outcome.mids)
+        .map(|(t, mid)| {
+            let base = TrackResult {
+                track_name: t.track_name,
+                ..Default::default()
+            };
+            match mid {
+                Ok(mid) => TrackResult {
+                    mid: Some(mid),
+                    ..base
+                },
+                Err(e) => item_error(base, e),
+            }
+        })
+        .collect();
+    Ok(Json(TracksResponse {
+        requires_immediate_renegotiation: outcome.offer.is_some(),
+        session_description: outcome.offer.map(offer),
+        tracks: results,
+    }))
+}
+
 async fn pull(
     control: &Control,
     app_id: &str,
@@ -238,11 +297,6 @@ async fn pull(
                     "remote tracks need sessionId and trackName",
                 ));
             };
-            if t.mid.as_deref().is_some_and(|m| m.starts_with('#')) {
-                return Err(ApiError::invalid_params(
-                    "pulling onto an existing transceiver (mid \"#name\") is not supported yet",
-                ));
-            }
             items.push(match reg.publication(app_id, sid, name) {
                 Some(p) => Ok(PullItem {
                     source: p.key,
@@ -251,6 +305,12 @@ async fn pull(
                     source_session_id: sid.clone(),
                     track_name: name.clone(),
                     preferred_rid: t.simulcast.as_ref().and_then(|s| s.preferred_rid.clone()),
+                    // `mid: "#name"`: send on the sendrecv m-line of local track `name`.
+                    onto: t
+                        .mid
+                        .as_deref()
+                        .and_then(|m| m.strip_prefix('#'))
+                        .map(String::from),
                 }),
                 None => Err(ItemError::TrackNotFound),
             });
@@ -332,9 +392,21 @@ pub async fn renegotiate(
     }
     let key = session.key;
     let sdp = req.session_description.sdp;
-    control
+    let published = control
         .call(session.worker, |reply| Command::Answer { key, sdp, reply })
         .await??;
+    let mut reg = control.registry();
+    for p in published {
+        reg.publish(
+            &session_id,
+            &p.track_name,
+            PublicationEntry {
+                key: p.key,
+                worker: session.worker,
+                kind: p.kind,
+            },
+        );
+    }
     Ok(Json(serde_json::json!({})))
 }
 
@@ -434,6 +506,7 @@ pub async fn update_tracks(
                         source_session_id: sid.clone(),
                         track_name: name.clone(),
                         preferred_rid: None,
+                        onto: None,
                     }),
                     None => {
                         items.push(Err(ItemError::TrackNotFound));

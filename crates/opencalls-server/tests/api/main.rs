@@ -8,3 +8,4 @@ mod errors;
 mod hostile;
 mod lifecycle;
 mod media;
+mod publish;
