@@ -20,7 +20,7 @@ fn main() {
             .iter()
             .map(|k| NewMedia {
                 kind: *k,
-                send_recv: false,
+                flow: opencalls_sfu::peer::Flow::Send,
                 stream_id: "s".into(),
                 track_id: "t".into(),
             })
