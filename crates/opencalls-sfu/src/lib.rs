@@ -6,6 +6,7 @@
 //! [`command::Command`] values and hears back through [`command::MediaEvent`]s.
 #![warn(missing_docs)]
 
+mod batch;
 pub mod command;
 pub mod forward;
 pub mod peer;

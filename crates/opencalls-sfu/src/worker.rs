@@ -32,11 +32,11 @@ use crate::peer::{
     CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput, Rid,
 };
 use crate::session::{Publication, Session, Subscription, TrackSlot};
+use crate::batch::{Inbox, Outbox};
 use crate::stun;
 
 const WAKER: Token = Token(usize::MAX);
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
-const MAX_DATAGRAM: usize = 2048;
 
 /// Where a worker listens.
 #[derive(Debug, Clone)]
@@ -190,29 +190,38 @@ impl MediaPlane {
             .collect();
         let mut joins = Vec::new();
         for (k, (poll, _, sockets, _, rx)) in built.into_iter().enumerate() {
-            let worker = Worker {
-                index: k,
-                poll,
-                sockets,
-                inbox: rx,
-                peers: handles.clone(),
-                events: events.clone(),
-                stats: handles[k].stats.clone(),
-                timeouts: config.timeouts.clone(),
-                sessions: HashMap::new(),
-                by_addr: HashMap::new(),
-                by_ufrag: HashMap::new(),
-                publications: HashMap::new(),
-                subscribers: HashMap::new(),
-                timers: BinaryHeap::new(),
-                deferred_keyframes: HashSet::new(),
-                queue: VecDeque::new(),
-                closing: Vec::new(),
-                running: true,
-            };
+            let peers = handles.clone();
+            let stats = handles[k].stats.clone();
+            let events = events.clone();
+            let timeouts = config.timeouts.clone();
             let join = std::thread::Builder::new()
                 .name(format!("media-{k}"))
-                .spawn(move || worker.run())?;
+                .spawn(move || {
+                    // Built on its own thread: the worker's syscall batches are not Send.
+                    let worker = Worker {
+                        index: k,
+                        poll,
+                        sockets,
+                        inbox: rx,
+                        peers,
+                        events,
+                        stats,
+                        timeouts,
+                        sessions: HashMap::new(),
+                        by_addr: HashMap::new(),
+                        by_ufrag: HashMap::new(),
+                        publications: HashMap::new(),
+                        subscribers: HashMap::new(),
+                        timers: BinaryHeap::new(),
+                        deferred_keyframes: HashSet::new(),
+                        outbox: Outbox::new(),
+                        fds: Vec::new(),
+                        queue: VecDeque::new(),
+                        closing: Vec::new(),
+                        running: true,
+                    };
+                    worker.run()
+                })?;
             joins.push(join);
         }
         Ok(MediaPlane {
@@ -294,6 +303,10 @@ struct Worker {
     subscribers: HashMap<TrackKey, Vec<(SessionKey, Mid)>>,
     timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
     deferred_keyframes: HashSet<TrackKey>,
+    /// Datagrams produced since the last flush (sent with sendmmsg).
+    outbox: Outbox,
+    /// Raw fds of `sockets`, in order, for the outbox.
+    fds: Vec<std::os::fd::RawFd>,
     /// Peer events waiting to be acted on (draining one session may touch others).
     queue: VecDeque<(SessionKey, PeerEvent)>,
     closing: Vec<(SessionKey, CloseReason)>,
@@ -333,8 +346,10 @@ fn end_to_end(ext: &ExtensionValues) -> ExtensionValues {
 
 impl Worker {
     fn run(mut self) {
+        use std::os::fd::AsRawFd;
         let mut events = Events::with_capacity(64);
-        let mut buf = vec![0u8; MAX_DATAGRAM];
+        let mut inbox = Inbox::new();
+        self.fds = self.sockets.iter().map(|(s, _)| s.as_raw_fd()).collect();
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         while self.running {
             let now = Instant::now();
@@ -350,7 +365,7 @@ impl Worker {
                 }
             }
             for i in 0..self.sockets.len() {
-                self.read_socket(i, &mut buf);
+                self.read_socket(i, &mut inbox);
             }
             while let Ok(msg) = self.inbox.try_recv() {
                 self.handle_msg(msg);
@@ -362,6 +377,7 @@ impl Worker {
                 next_housekeeping = now + HOUSEKEEPING;
             }
             self.settle();
+            self.flush();
         }
         let keys: Vec<SessionKey> = self.sessions.keys().copied().collect();
         for key in keys {
@@ -369,20 +385,32 @@ impl Worker {
         }
     }
 
-    fn read_socket(&mut self, i: usize, buf: &mut [u8]) {
+    /// Reads the socket dry, a batch at a time, flushing replies after each batch.
+    fn read_socket(&mut self, i: usize, inbox: &mut Inbox) {
         loop {
-            let (n, source) = match self.sockets[i].0.recv_from(buf) {
-                Ok(v) => v,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            let n = match inbox.read(&self.sockets[i].0) {
+                Ok(0) => return,
+                Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // ICMP errors surface here on Linux; they concern one peer only.
                 Err(_) => continue,
             };
-            incr(&self.stats.rx_datagrams);
+            self.stats.rx_datagrams.fetch_add(n as u64, Ordering::Relaxed);
             let destination = self.sockets[i].1;
-            self.handle_datagram(source, destination, &buf[..n]);
-            self.settle();
+            for k in 0..n {
+                let (data, source) = inbox.datagram(k);
+                self.handle_datagram(source, destination, data);
+                self.settle();
+            }
+            self.flush();
         }
+    }
+
+    /// Sends every queued datagram.
+    fn flush(&mut self) {
+        let (sent, dropped) = self.outbox.flush(&self.fds);
+        self.stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
+        self.stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
     }
 
     fn handle_datagram(&mut self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
@@ -455,16 +483,13 @@ impl Worker {
                     let sock = self
                         .sockets
                         .iter()
-                        .find(|(_, adv)| *adv == source)
-                        .or(self.sockets.first());
-                    if let Some((sock, _)) = sock {
-                        match sock.send_to(&contents, destination) {
-                            Ok(_) => incr(&self.stats.tx_datagrams),
-                            Err(e) => {
-                                tracing::debug!(%destination, "send failed: {e}");
-                                incr(&self.stats.dropped_send);
-                            }
-                        }
+                        .position(|(_, adv)| *adv == source)
+                        .unwrap_or(0);
+                    self.outbox.push(sock, destination, contents);
+                    if self.outbox.is_full() {
+                        let (sent, dropped) = self.outbox.flush(&self.fds);
+                        self.stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
+                        self.stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
                     }
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
