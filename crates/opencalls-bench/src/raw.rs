@@ -33,10 +33,17 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
     while Instant::now() < end {
         received.clear();
         {
-            let mut iovs: Vec<[IoSliceMut; 1]> =
-                bufs.iter_mut().map(|b| [IoSliceMut::new(&mut b[..])]).collect();
-            let Ok(res) = recvmmsg(fd, &mut rx_headers, iovs.iter_mut(), MsgFlags::MSG_WAITFORONE, None)
-            else {
+            let mut iovs: Vec<[IoSliceMut; 1]> = bufs
+                .iter_mut()
+                .map(|b| [IoSliceMut::new(&mut b[..])])
+                .collect();
+            let Ok(res) = recvmmsg(
+                fd,
+                &mut rx_headers,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            ) else {
                 continue; // timeout or a transient error
             };
             for m in res {
@@ -67,7 +74,14 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
                 .map(|(i, _)| [IoSlice::new(&bufs[*i][..received[*i].0])])
                 .collect();
             let addrs: Vec<Option<SockaddrIn>> = chunk.iter().map(|(_, a)| Some(*a)).collect();
-            let _ = sendmmsg(fd, &mut tx_headers, slices.iter(), &addrs, [], MsgFlags::empty());
+            let _ = sendmmsg(
+                fd,
+                &mut tx_headers,
+                slices.iter(),
+                &addrs,
+                [],
+                MsgFlags::empty(),
+            );
         }
     }
     Ok(())

@@ -27,12 +27,12 @@ use crossbeam_channel::{Receiver, Sender};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::batch::{Inbox, Outbox};
 use crate::command::*;
 use crate::peer::{
     CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput, Rid,
 };
 use crate::session::{Publication, Session, Subscription, TrackSlot};
-use crate::batch::{Inbox, Outbox};
 use crate::stun;
 
 const WAKER: Token = Token(usize::MAX);
@@ -395,7 +395,9 @@ impl Worker {
                 // ICMP errors surface here on Linux; they concern one peer only.
                 Err(_) => continue,
             };
-            self.stats.rx_datagrams.fetch_add(n as u64, Ordering::Relaxed);
+            self.stats
+                .rx_datagrams
+                .fetch_add(n as u64, Ordering::Relaxed);
             let destination = self.sockets[i].1;
             for k in 0..n {
                 let (data, source) = inbox.datagram(k);
@@ -410,7 +412,9 @@ impl Worker {
     fn flush(&mut self) {
         let (sent, dropped) = self.outbox.flush(&self.fds);
         self.stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
-        self.stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
+        self.stats
+            .dropped_send
+            .fetch_add(dropped, Ordering::Relaxed);
     }
 
     fn handle_datagram(&mut self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
@@ -489,7 +493,9 @@ impl Worker {
                     if self.outbox.is_full() {
                         let (sent, dropped) = self.outbox.flush(&self.fds);
                         self.stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
-                        self.stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
+                        self.stats
+                            .dropped_send
+                            .fetch_add(dropped, Ordering::Relaxed);
                     }
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),

@@ -9,7 +9,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use opencalls_api::*;
 use opencalls_sfu::{
-    Command, ItemError, Kind, PublishItem, PullItem, PushItem, SessionKey, UpdateItem,
+    Command, ItemError, Kind, PublishItem, Published, PullItem, PushItem, SessionKey, UpdateItem,
 };
 
 use super::{authorize, read_json, ApiError};
@@ -37,6 +37,39 @@ fn open_session(
         Lookup::Closed => Err(ApiError::session_gone()),
         Lookup::Unknown => Err(ApiError::not_found("session")),
         Lookup::Limited => Err(ApiError::rate_limited()),
+    }
+}
+
+/// A JSON body that must be present.
+async fn required_json<T: serde::de::DeserializeOwned>(body: Body) -> ApiResult<T> {
+    read_json(body)
+        .await?
+        .ok_or_else(|| ApiError::decoding("empty body"))
+}
+
+/// `tracks/close` and `tracks/update` take 1 to 64 items.
+fn check_track_count(n: usize) -> ApiResult<()> {
+    if n == 0 || n > MAX_TRACKS_PER_REQUEST {
+        return Err(ApiError::invalid_params(format!(
+            "Expecting 1 to {MAX_TRACKS_PER_REQUEST} tracks in the request"
+        )));
+    }
+    Ok(())
+}
+
+/// Makes publications pullable by other sessions of the app.
+fn register(control: &Control, session_id: &str, worker: usize, published: &[Published]) {
+    let mut reg = control.registry();
+    for p in published {
+        reg.publish(
+            session_id,
+            &p.track_name,
+            PublicationEntry {
+                key: p.key,
+                worker,
+                kind: p.kind,
+            },
+        );
     }
 }
 
@@ -118,9 +151,7 @@ pub async fn new_tracks(
     body: Body,
 ) -> ApiResult<Json<TracksResponse>> {
     let session = open_session(&control, &app_id, &session_id, &headers)?;
-    let req: TracksRequest = read_json(body)
-        .await?
-        .ok_or_else(|| ApiError::decoding("empty body"))?;
+    let req: TracksRequest = required_json(body).await?;
     let tracks = req.tracks.unwrap_or_default();
     if tracks.len() > MAX_TRACKS_PER_REQUEST {
         return Err(ApiError::invalid_params(format!(
@@ -185,37 +216,30 @@ async fn push(
             reply,
         })
         .await??;
-    let mut results = Vec::with_capacity(outcome.tracks.len());
-    {
-        let mut reg = control.registry();
-        for t in outcome.tracks {
-            results.push(match t {
-                Ok(p) => {
-                    reg.publish(
-                        session_id,
-                        &p.track_name,
-                        PublicationEntry {
-                            key: p.key,
-                            worker: session.worker,
-                            kind: p.kind,
-                        },
-                    );
-                    TrackResult {
-                        mid: Some(p.mid),
-                        track_name: Some(p.track_name),
-                        ..Default::default()
-                    }
-                }
-                Err((track_name, e)) => item_error(
-                    TrackResult {
-                        track_name: Some(track_name),
-                        ..Default::default()
-                    },
-                    e,
-                ),
-            });
-        }
-    }
+    let published: Vec<Published> = outcome
+        .tracks
+        .iter()
+        .filter_map(|t| t.as_ref().ok().cloned())
+        .collect();
+    register(control, session_id, session.worker, &published);
+    let results = outcome
+        .tracks
+        .into_iter()
+        .map(|t| match t {
+            Ok(p) => TrackResult {
+                mid: Some(p.mid),
+                track_name: Some(p.track_name),
+                ..Default::default()
+            },
+            Err((track_name, e)) => item_error(
+                TrackResult {
+                    track_name: Some(track_name),
+                    ..Default::default()
+                },
+                e,
+            ),
+        })
+        .collect();
     Ok(Json(TracksResponse {
         requires_immediate_renegotiation: false,
         session_description: Some(answer(outcome.answer)),
@@ -382,9 +406,7 @@ pub async fn renegotiate(
     body: Body,
 ) -> ApiResult<Json<serde_json::Value>> {
     let session = open_session(&control, &app_id, &session_id, &headers)?;
-    let req: RenegotiateRequest = read_json(body)
-        .await?
-        .ok_or_else(|| ApiError::decoding("empty body"))?;
+    let req: RenegotiateRequest = required_json(body).await?;
     if req.session_description.kind != SdpType::Answer {
         return Err(ApiError::invalid_sdp(
             "renegotiate takes the answer to the SFU's offer",
@@ -395,18 +417,7 @@ pub async fn renegotiate(
     let published = control
         .call(session.worker, |reply| Command::Answer { key, sdp, reply })
         .await??;
-    let mut reg = control.registry();
-    for p in published {
-        reg.publish(
-            &session_id,
-            &p.track_name,
-            PublicationEntry {
-                key: p.key,
-                worker: session.worker,
-                kind: p.kind,
-            },
-        );
-    }
+    register(&control, &session_id, session.worker, &published);
     Ok(Json(serde_json::json!({})))
 }
 
@@ -418,14 +429,8 @@ pub async fn close_tracks(
     body: Body,
 ) -> ApiResult<Json<TracksResponse>> {
     let session = open_session(&control, &app_id, &session_id, &headers)?;
-    let req: CloseTracksRequest = read_json(body)
-        .await?
-        .ok_or_else(|| ApiError::decoding("empty body"))?;
-    if req.tracks.is_empty() || req.tracks.len() > MAX_TRACKS_PER_REQUEST {
-        return Err(ApiError::invalid_params(format!(
-            "Expecting 1 to {MAX_TRACKS_PER_REQUEST} tracks in the request"
-        )));
-    }
+    let req: CloseTracksRequest = required_json(body).await?;
+    check_track_count(req.tracks.len())?;
     let offer = match (&req.session_description, req.force) {
         (Some(d), false) => Some(offer_sdp(d)?.to_string()),
         _ => None,
@@ -476,14 +481,8 @@ pub async fn update_tracks(
     body: Body,
 ) -> ApiResult<Json<TracksResponse>> {
     let session = open_session(&control, &app_id, &session_id, &headers)?;
-    let req: UpdateTracksRequest = read_json(body)
-        .await?
-        .ok_or_else(|| ApiError::decoding("empty body"))?;
-    if req.tracks.is_empty() || req.tracks.len() > MAX_TRACKS_PER_REQUEST {
-        return Err(ApiError::invalid_params(format!(
-            "Expecting 1 to {MAX_TRACKS_PER_REQUEST} tracks in the request"
-        )));
-    }
+    let req: UpdateTracksRequest = required_json(body).await?;
+    check_track_count(req.tracks.len())?;
     let mut items = Vec::with_capacity(req.tracks.len());
     {
         let reg = control.registry();
