@@ -313,6 +313,13 @@ struct Worker {
     running: bool,
 }
 
+/// Sends every queued datagram and counts the outcome.
+fn flush_outbox(outbox: &mut Outbox, fds: &[std::os::fd::RawFd], stats: &WorkerStats) {
+    let (sent, dropped) = outbox.flush(fds);
+    stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
+    stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
+}
+
 fn incr(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -410,11 +417,7 @@ impl Worker {
 
     /// Sends every queued datagram.
     fn flush(&mut self) {
-        let (sent, dropped) = self.outbox.flush(&self.fds);
-        self.stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
-        self.stats
-            .dropped_send
-            .fetch_add(dropped, Ordering::Relaxed);
+        flush_outbox(&mut self.outbox, &self.fds, &self.stats);
     }
 
     fn handle_datagram(&mut self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
@@ -491,11 +494,8 @@ impl Worker {
                         .unwrap_or(0);
                     self.outbox.push(sock, destination, contents);
                     if self.outbox.is_full() {
-                        let (sent, dropped) = self.outbox.flush(&self.fds);
-                        self.stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
-                        self.stats
-                            .dropped_send
-                            .fetch_add(dropped, Ordering::Relaxed);
+                        // `session` is borrowed: flush through the fields, not `self.flush()`.
+                        flush_outbox(&mut self.outbox, &self.fds, &self.stats);
                     }
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
