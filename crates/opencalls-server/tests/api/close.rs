@@ -84,19 +84,7 @@ fn closing_a_publication_stops_it_for_subscribers() {
     let ts = TestServer::start(2);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Audio, MediaKind::Video], "pub");
-    let sb = api.new_session();
-    let mut b = ClientPeer::new();
-    let mids = pull(
-        api,
-        &sb,
-        &mut b,
-        &[(&a.session, &a.names[0]), (&a.session, &a.names[1])],
-    );
-    assert!(pump(
-        &mut [&mut a.peer, &mut b],
-        Duration::from_secs(5),
-        |p| p[1].connected
-    ));
+    let (sb, mut b, mids) = subscribe_connected(api, &mut a, &[0, 1]);
     let opus = a.peer.pt(Codec::Opus);
     stream(&mut a.peer, &mut [&mut b], a.mids[0], opus, 1, 10);
     assert!(b.received_on(mids[0]).len() >= 8);

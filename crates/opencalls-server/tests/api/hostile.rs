@@ -35,7 +35,8 @@ fn garbage_and_forged_stun_are_dropped_and_sessions_survive() {
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Video], "victim");
-    let (_, mut b, mid) = subscribe_connected(api, &mut a);
+    let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0]);
+    let mid = mids[0];
 
     let worker = &ts.server().control().workers()[0];
     let media_addr = worker.candidates()[0];

@@ -137,7 +137,8 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     let ts = TestServer::start(2);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Video], "lossy");
-    let (_, mut b, mid) = subscribe_connected(api, &mut a);
+    let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0]);
+    let mid = mids[0];
     // Lose packets publisher → SFU, and (other ones) SFU → subscriber.
     a.peer.drop_outgoing_rtp = vec![20, 35];
     b.drop_incoming_rtp = vec![10, 28, 29];
@@ -212,19 +213,7 @@ fn every_codec_is_forwarded_as_is() {
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Audio, MediaKind::Video], "codecs");
-    let sb = api.new_session();
-    let mut b = ClientPeer::new();
-    let mids = pull(
-        api,
-        &sb,
-        &mut b,
-        &[(&a.session, &a.names[0]), (&a.session, &a.names[1])],
-    );
-    assert!(pump(
-        &mut [&mut a.peer, &mut b],
-        Duration::from_secs(5),
-        |p| p[1].connected
-    ));
+    let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0, 1]);
     let plan = [
         (0, Codec::Opus),
         (0, Codec::PCMU),

@@ -179,17 +179,25 @@ pub fn stream(
     sent
 }
 
-/// A fresh session that pulls the publisher's first track, connected. Returns (session id,
-/// client, the pulled mid).
-pub fn subscribe_connected(api: &Api, a: &mut Publisher) -> (String, ClientPeer, Mid) {
+/// A fresh session that pulls the publisher's tracks `tracks` (indexes into its names),
+/// connected. Returns (session id, client, the pulled mids in order).
+pub fn subscribe_connected(
+    api: &Api,
+    a: &mut Publisher,
+    tracks: &[usize],
+) -> (String, ClientPeer, Vec<Mid>) {
     let session = api.new_session();
     let mut peer = ClientPeer::new();
-    let mid = pull(api, &session, &mut peer, &[(&a.session, &a.names[0])])[0];
+    let wanted: Vec<(&str, &str)> = tracks
+        .iter()
+        .map(|i| (a.session.as_str(), a.names[*i].as_str()))
+        .collect();
+    let mids = pull(api, &session, &mut peer, &wanted);
     assert!(
         pump(&mut [&mut a.peer, &mut peer], Duration::from_secs(5), |p| p
             [1]
         .connected),
         "subscriber connects"
     );
-    (session, peer, mid)
+    (session, peer, mids)
 }
