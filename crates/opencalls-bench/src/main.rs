@@ -16,6 +16,7 @@ mod peer;
 mod raw;
 mod raw_client;
 mod rtp;
+mod storm;
 mod sys;
 mod world;
 
@@ -132,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             writeln!(out, "{line}")?;
             out.flush()?;
             let knee = r.loss > 0.001
+                || r.join_failures > 0
                 || match (raw, r.p99_ms) {
                     (Some(raw), Some(p99)) => p99 > raw.p99_ms.unwrap_or(0.0) + 10.0,
                     _ => false,

@@ -40,6 +40,7 @@ impl BenchPeer {
     pub fn new(index: usize, light: bool, ip: std::net::IpAddr) -> anyhow::Result<BenchPeer> {
         let now = Instant::now();
         let mut rtc = RtcConfig::new()
+            .set_crypto_provider(opencalls_sfu::crypto_provider())
             .set_rtp_mode(true)
             .set_stats_interval(None)
             .set_extension(ABS_ID, Extension::AbsoluteCaptureTime)

@@ -2,8 +2,9 @@
 //! packet sizes and topology as the SFU runs, batching its I/O (`recvmmsg` up to 64
 //! datagrams, `sendmmsg` 64 copies per call) in a tight loop on one pinned core.
 //!
-//! Protocol: a subscriber sends `SUB` + group id (u32) to register; every other datagram is
-//! media whose first 4 bytes are its group id and is copied to that group's subscribers.
+//! Protocol: a subscriber sends `SUB` + group id (u32) to register and `UNS` + group id to
+//! leave; every other datagram is media whose first 4 bytes are its group id and is copied
+//! to that group's subscribers.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
@@ -60,6 +61,11 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
                 let list = groups.entry(g).or_default();
                 if !list.contains(from) {
                     list.push(*from);
+                }
+            } else if b.len() >= 7 && &b[..3] == b"UNS" {
+                let g = u32::from_be_bytes([b[3], b[4], b[5], b[6]]);
+                if let Some(list) = groups.get_mut(&g) {
+                    list.retain(|a| a != from);
                 }
             } else if b.len() >= 4 {
                 let g = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);

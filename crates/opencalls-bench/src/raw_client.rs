@@ -2,6 +2,7 @@
 //! (RTP header + payload + SRTP tag), with a sequence number and the send time inside.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::UdpSocket;
 
@@ -15,6 +16,9 @@ pub struct RawPeer {
     relay: SocketAddr,
     index: usize,
     buf: Vec<u8>,
+    groups: Vec<u32>,
+    /// When the first media datagram arrived (join time).
+    pub first_rtp: Option<Instant>,
 }
 
 impl RawPeer {
@@ -28,11 +32,26 @@ impl RawPeer {
             relay,
             index,
             buf: vec![0; 2048],
+            groups: Vec::new(),
+            first_rtp: None,
         })
     }
 
-    pub fn subscribe(&self, group: u32) -> anyhow::Result<()> {
-        let mut m = b"SUB".to_vec();
+    pub fn subscribe(&mut self, group: u32) -> anyhow::Result<()> {
+        self.control(b"SUB", group)?;
+        self.groups.push(group);
+        Ok(())
+    }
+
+    /// Leaves every group (the relay stops sending here).
+    pub fn unsubscribe_all(&mut self) {
+        for g in std::mem::take(&mut self.groups) {
+            let _ = self.control(b"UNS", g);
+        }
+    }
+
+    fn control(&self, verb: &[u8; 3], group: u32) -> anyhow::Result<()> {
+        let mut m = verb.to_vec();
         m.extend_from_slice(&group.to_be_bytes());
         // Loopback does not lose datagrams unless buffers overflow; send twice anyway.
         self.socket.send_to(&m, self.relay)?;
@@ -54,6 +73,9 @@ impl RawPeer {
         while let Ok((n, _)) = self.socket.recv_from(&mut self.buf) {
             if n < 14 {
                 continue;
+            }
+            if self.first_rtp.is_none() {
+                self.first_rtp = Some(Instant::now());
             }
             if let Some(m) = meter.as_deref_mut() {
                 let b = &self.buf;

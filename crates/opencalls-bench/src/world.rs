@@ -13,6 +13,7 @@ use str0m::media::{MediaKind, Mid};
 
 use crate::peer::BenchPeer;
 use crate::rtp::Meter;
+use crate::storm::{Joining, Storm};
 use crate::sys;
 
 /// A benchmark scenario.
@@ -68,8 +69,9 @@ impl Scenario {
             (Scenario::Webinar, false) => &[25, 50, 100, 200, 300, 400, 500, 600],
             (Scenario::Meeting, true) => &[3, 5],
             (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20],
-            (Scenario::JoinStorm, true) => &[10],
-            (Scenario::JoinStorm, false) => &[10, 20, 40],
+            // Joins per second.
+            (Scenario::JoinStorm, true) => &[20],
+            (Scenario::JoinStorm, false) => &[10, 25, 50, 100, 200],
             (Scenario::Api, true) => &[50],
             (Scenario::Api, false) => &[200, 400, 800],
         };
@@ -77,9 +79,13 @@ impl Scenario {
     }
 
     /// Publishers (their track kinds) and subscribers (the (publisher, track) pairs each pulls).
-    fn topology(self, n: usize) -> Topology {
+    fn topology(self, n: usize, quick: bool) -> Topology {
         let av = vec![MediaKind::Audio, MediaKind::Video];
         match self {
+            // The background a storm runs over: a webinar whose joiners pull the same tracks.
+            Scenario::JoinStorm => {
+                Scenario::Webinar.topology(if quick { 10 } else { STORM_BACKGROUND }, quick)
+            }
             Scenario::Webinar => Topology {
                 publishers: vec![av],
                 subscribers: (0..n).map(|_| vec![(0, 0), (0, 1)]).collect(),
@@ -99,10 +105,13 @@ impl Scenario {
                     })
                     .collect(),
             },
-            Scenario::JoinStorm | Scenario::Api => Topology::default(),
+            Scenario::Api => Topology::default(),
         }
     }
 }
+
+/// Background webinar subscribers under a full join-storm.
+const STORM_BACKGROUND: usize = 20;
 
 #[derive(Debug, Default)]
 struct Topology {
@@ -143,6 +152,9 @@ pub struct StepResult {
     pub join_p50_ms: Option<f64>,
     pub join_p99_ms: Option<f64>,
     pub ops_per_sec: Option<f64>,
+    /// join-storm: joins asked for during the window, and those that got no media.
+    pub joins: Option<usize>,
+    pub join_failures: usize,
 }
 
 impl StepResult {
@@ -178,6 +190,7 @@ impl StepResult {
             "join_p50_ms": self.join_p50_ms.map(round3), "join_p99_ms": self.join_p99_ms.map(round3),
             "sessions_per_sec": self.ops_per_sec.map(round),
             "sessions_per_sec_per_core": self.ops_per_sec.map(|o| round(if self.server_busy_cores > 0.0 { o / self.server_busy_cores } else { 0.0 })),
+            "joins": self.joins, "join_failures": self.join_failures,
         })
     }
 }
@@ -212,24 +225,60 @@ pub fn run_step(
     } else {
         (Duration::from_secs(2), Duration::from_secs(5))
     };
+    let topology = s.topology(step.n, quick);
+    let rate = step.n as f64;
     match (target, s) {
-        (_, Scenario::JoinStorm) => anyhow::bail!("join-storm is not implemented yet"),
+        (Target::Janus, Scenario::JoinStorm) => {
+            let mut w = JanusWorld::build(topology)?;
+            let pid = w.server.pid();
+            let joining = Joining::Janus {
+                client: w.client.clone(),
+                room: w.room,
+                feed: w.feeds[0],
+                ip: media_ip(),
+            };
+            w.media
+                .measure_storm(Storm::start(joining, rate)?, warm, window, pid)
+        }
+        (Target::Opencalls, Scenario::JoinStorm) => {
+            // Departed sessions are reaped 5 s after their client goes quiet, inside the run.
+            let mut w = OpencallsWorld::build(topology, 5)?;
+            let joining = Joining::Opencalls {
+                api: w.api.clone(),
+                session: w.names[0].0.clone(),
+                tracks: w.names[0].1.clone(),
+                ip: media_ip(),
+            };
+            let pid = w.server.id();
+            w.media
+                .measure_storm(Storm::start(joining, rate)?, warm, window, pid)
+        }
+        (Target::Raw, Scenario::JoinStorm) => {
+            let mut w = RawWorld::build(topology)?;
+            let joining = Joining::Raw {
+                relay: w.relay_addr,
+                groups: vec![0, 1],
+            };
+            let pid = w.relay.id();
+            w.media
+                .measure_storm(Storm::start(joining, rate)?, warm, window, pid)
+        }
         (Target::Janus, Scenario::Api) => {
             anyhow::bail!("the api scenario measures the Calls API only")
         }
         (Target::Janus, _) => {
-            let mut w = JanusWorld::build(s.topology(step.n))?;
+            let mut w = JanusWorld::build(topology)?;
             let pid = w.server.pid();
             w.media.measure(warm, window, pid)
         }
         (Target::Opencalls, Scenario::Api) => api_step(step, quick),
         (Target::Raw, Scenario::Api) => anyhow::bail!("a UDP relay has no API"),
         (Target::Opencalls, _) => {
-            let mut w = OpencallsWorld::build(s.topology(step.n))?;
+            let mut w = OpencallsWorld::build(topology, 600)?;
             w.media.measure(warm, window, w.server.id())
         }
         (Target::Raw, _) => {
-            let mut w = RawWorld::build(s.topology(step.n))?;
+            let mut w = RawWorld::build(topology)?;
             w.media.measure(warm, window, w.relay.id())
         }
     }
@@ -283,7 +332,8 @@ fn spawn_pinned(cpu: usize, program: &std::path::Path, args: &[String]) -> anyho
 const APP: &str = "bench0000000000000000000000000000";
 const SECRET: &str = "bench-secret";
 
-fn start_opencalls() -> anyhow::Result<(Proc, Api)> {
+/// Starts opencalls on the server core; `idle_secs` is its idle/disconnect timeout.
+fn start_opencalls(idle_secs: u64) -> anyhow::Result<(Proc, Api)> {
     let port = free_port()?;
     let args: Vec<String> = [
         "serve",
@@ -296,7 +346,7 @@ fn start_opencalls() -> anyhow::Result<(Proc, Api)> {
         "--workers",
         "1",
         "--idle-timeout-secs",
-        "600",
+        &idle_secs.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -371,13 +421,16 @@ struct Media {
     subscribed_tracks: usize,
     video: Arc<[u8]>,
     audio: Arc<[u8]>,
+    storm: Option<Storm>,
 }
 
 // Peers live in one Vec for their whole run; boxing would only add an indirection per packet.
 #[allow(clippy::large_enum_variant)]
-enum Driver {
+pub enum Driver {
     Str0m(BenchPeer),
     Raw(crate::raw_client::RawPeer),
+    /// A joiner that left (its slot stays so tokens keep their meaning).
+    Gone,
 }
 
 impl Media {
@@ -396,11 +449,13 @@ impl Media {
             subscribed_tracks: subscribed,
             video: vec![0x5a; VIDEO_PAYLOAD].into(),
             audio: vec![0xa5; AUDIO_PAYLOAD].into(),
+            storm: None,
         };
         for (i, p) in m.peers.iter_mut().enumerate() {
             let sock = match p {
                 Driver::Str0m(p) => &mut p.socket,
                 Driver::Raw(p) => &mut p.socket,
+                Driver::Gone => continue,
             };
             m.poll
                 .registry()
@@ -459,6 +514,7 @@ impl Media {
                                 p.send(s.mid, s.pt, s.seq, ts, k + 1 == n, payload.clone())
                             }
                             Driver::Raw(p) => p.send(s.group, s.seq, payload.len()),
+                            Driver::Gone => {}
                         }
                         s.seq += 1;
                     }
@@ -480,7 +536,11 @@ impl Media {
                 match &mut self.peers[ev.token().0] {
                     Driver::Str0m(p) => p.read(meter.as_deref_mut()),
                     Driver::Raw(p) => p.read(meter.as_deref_mut()),
+                    Driver::Gone => {}
                 }
+            }
+            if let Some(storm) = &mut self.storm {
+                storm.service(now, &mut self.peers, &self.poll);
             }
         }
     }
@@ -505,7 +565,7 @@ impl Media {
                 Driver::Str0m(p) => p
                     .first_rtp
                     .map(|f| (f - p.join_started).as_secs_f64() * 1000.0),
-                Driver::Raw(_) => None,
+                Driver::Raw(_) | Driver::Gone => None,
             })
             .collect();
         Ok(StepResult {
@@ -521,7 +581,56 @@ impl Media {
             join_p50_ms: percentile(&mut joins, 0.5),
             join_p99_ms: percentile(&mut joins, 0.99),
             ops_per_sec: None,
+            joins: None,
+            join_failures: 0,
         })
+    }
+
+    /// Like [`Media::measure`] with a join storm running from the start of the warm-up:
+    /// join figures cover the joins asked for inside the window (each followed to its
+    /// first RTP or its timeout after the window), media figures every receiver.
+    fn measure_storm(
+        &mut self,
+        storm: Storm,
+        warm: Duration,
+        window: Duration,
+        server_pid: u32,
+    ) -> anyhow::Result<StepResult> {
+        self.storm = Some(storm);
+        let t0 = Instant::now() + warm;
+        let mut r = self.measure(warm, window, server_pid)?;
+        let t1 = Instant::now();
+        let secs = (t1 - t0).as_secs_f64();
+        let Some(storm) = self.storm.as_ref() else {
+            anyhow::bail!("storm vanished");
+        };
+        storm.stop_joining();
+        // Follow the window's joins to their end (RTP, or the join timeout), unmeasured.
+        let end = t1 + crate::storm::JOIN_TIMEOUT + crate::storm::STAY + Duration::from_secs(1);
+        while Instant::now() < end && self.storm.as_ref().is_some_and(|s| s.live() > 0) {
+            self.run(Duration::from_millis(50), None);
+        }
+        let storm = self
+            .storm
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("storm vanished"))?;
+        let in_window: Vec<_> = storm
+            .records
+            .iter()
+            .filter(|j| j.started >= t0 && j.started < t1)
+            .collect();
+        let mut times: Vec<f64> = in_window
+            .iter()
+            .filter_map(|j| j.first_rtp.map(|f| (f - j.started).as_secs_f64() * 1000.0))
+            .collect();
+        let failures =
+            in_window.iter().filter(|j| j.first_rtp.is_none()).count() + storm.request_failures;
+        r.ops_per_sec = Some(times.len() as f64 / secs);
+        r.join_p50_ms = percentile(&mut times, 0.5);
+        r.join_p99_ms = percentile(&mut times, 0.99);
+        r.joins = Some(in_window.len());
+        r.join_failures = failures;
+        Ok(r)
     }
 }
 
@@ -559,11 +668,14 @@ fn str0m_sources(
 struct OpencallsWorld {
     server: Proc,
     media: Media,
+    api: Api,
+    /// Per publisher: its session id and track names.
+    names: Vec<(String, Vec<String>)>,
 }
 
 impl OpencallsWorld {
-    fn build(t: Topology) -> anyhow::Result<OpencallsWorld> {
-        let (server, api) = start_opencalls()?;
+    fn build(t: Topology, idle_secs: u64) -> anyhow::Result<OpencallsWorld> {
+        let (server, api) = start_opencalls(idle_secs)?;
         let mut peers = Vec::new();
         let mut sources = Vec::new();
         let mut names: Vec<(String, Vec<String>)> = Vec::new();
@@ -620,12 +732,18 @@ impl OpencallsWorld {
         }
         media.subscribed_tracks = subscribed;
         media.wait_connected(Duration::from_secs(20), "subscribers did not connect")?;
-        Ok(OpencallsWorld { server, media })
+        Ok(OpencallsWorld {
+            server,
+            media,
+            api,
+            names,
+        })
     }
 }
 
 struct RawWorld {
     relay: Proc,
+    relay_addr: SocketAddr,
     media: Media,
 }
 
@@ -669,7 +787,7 @@ impl RawWorld {
         }
         let mut subscribed = 0;
         for pulls in &t.subscribers {
-            let p = crate::raw_client::RawPeer::new(peers.len(), relay_addr)?;
+            let mut p = crate::raw_client::RawPeer::new(peers.len(), relay_addr)?;
             for (pi, k) in pulls {
                 p.subscribe((pi * 4 + k) as u32)?;
             }
@@ -678,13 +796,17 @@ impl RawWorld {
         }
         let sessions = t.publishers.len() + t.subscribers.len();
         let media = Media::new(peers, sources, sessions, subscribed)?;
-        Ok(RawWorld { relay, media })
+        Ok(RawWorld {
+            relay,
+            relay_addr,
+            media,
+        })
     }
 }
 
 /// `sessions/new` + `tracks/new` (push with an offer) as fast as one client can ask.
 fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
-    let (server, api) = start_opencalls()?;
+    let (server, api) = start_opencalls(600)?;
     let mut peer = BenchPeer::new(0, false, media_ip())?;
     let (offer, mids) = peer.offer_send(&[MediaKind::Audio, MediaKind::Video]);
     let body = json!({"sessionDescription": {"type": "offer", "sdp": offer},
@@ -718,6 +840,8 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         join_p50_ms: None,
         join_p99_ms: None,
         ops_per_sec: Some(step.n as f64 / secs),
+        joins: None,
+        join_failures: 0,
     })
 }
 
@@ -726,7 +850,9 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
 struct JanusWorld {
     media: Media,
     // Dropped after `media`: the client's session keeps the PeerConnections up.
-    _client: crate::janus::JanusClient,
+    client: Arc<crate::janus::JanusClient>,
+    room: u64,
+    feeds: Vec<u64>,
     server: crate::janus::JanusServer,
 }
 
@@ -734,7 +860,7 @@ impl JanusWorld {
     fn build(t: Topology) -> anyhow::Result<JanusWorld> {
         let port = free_port()?;
         let server = crate::janus::JanusServer::start(port, media_ip(), Some(1))?;
-        let client = crate::janus::JanusClient::connect(port)?;
+        let client = Arc::new(crate::janus::JanusClient::connect(port)?);
         let room = client.create_room(t.publishers.len() as u32 + 1)?;
         let mut peers = Vec::new();
         let mut sources = Vec::new();
@@ -773,7 +899,9 @@ impl JanusWorld {
         )?;
         Ok(JanusWorld {
             media,
-            _client: client,
+            client,
+            room,
+            feeds,
             server,
         })
     }

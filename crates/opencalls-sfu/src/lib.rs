@@ -15,7 +15,7 @@ pub mod stun;
 pub mod worker;
 
 pub use command::*;
-pub use peer::{Certificate, Kind, Peer, PeerConfig};
+pub use peer::{crypto_provider, Certificate, Kind, Peer, PeerConfig};
 pub use worker::{
     random_hex, Endpoint, MediaConfig, MediaPlane, Timeouts, WorkerHandle, WorkerStats,
 };

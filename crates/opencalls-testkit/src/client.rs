@@ -62,6 +62,7 @@ impl ClientPeer {
     pub fn new() -> ClientPeer {
         let now = Instant::now();
         let mut rtc = RtcConfig::new()
+            .set_crypto_provider(opencalls_sfu::crypto_provider())
             .set_rtp_mode(true)
             .enable_pcmu(true, false)
             .enable_pcma(true, false)
