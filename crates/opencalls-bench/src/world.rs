@@ -73,7 +73,7 @@ impl Scenario {
             (Scenario::JoinStorm, true) => &[20],
             (Scenario::JoinStorm, false) => &[10, 25, 50, 100, 200],
             (Scenario::Api, true) => &[50],
-            (Scenario::Api, false) => &[200, 400, 800],
+            (Scenario::Api, false) => &[500, 1000, 2000],
         };
         ns.iter().map(|n| Step { n: *n }).collect()
     }
@@ -155,6 +155,9 @@ pub struct StepResult {
     /// join-storm: joins asked for during the window, and those that got no media.
     pub joins: Option<usize>,
     pub join_failures: usize,
+    /// api: sessions/new + tracks/new (push) rounds per second, and the server's busy cores
+    /// meanwhile.
+    pub push: Option<(f64, f64)>,
 }
 
 impl StepResult {
@@ -191,6 +194,8 @@ impl StepResult {
             "sessions_per_sec": self.ops_per_sec.map(round),
             "sessions_per_sec_per_core": self.ops_per_sec.map(|o| round(if self.server_busy_cores > 0.0 { o / self.server_busy_cores } else { 0.0 })),
             "joins": self.joins, "join_failures": self.join_failures,
+            "push_per_sec": self.push.map(|p| round(p.0)),
+            "push_per_sec_per_core": self.push.map(|(r, b)| round(if b > 0.0 { r / b } else { 0.0 })),
         })
     }
 }
@@ -583,6 +588,7 @@ impl Media {
             ops_per_sec: None,
             joins: None,
             join_failures: 0,
+            push: None,
         })
     }
 
@@ -804,44 +810,56 @@ impl RawWorld {
     }
 }
 
-/// `sessions/new` + `tracks/new` (push with an offer) as fast as one client can ask.
+/// Two phases from one client, as fast as it can ask: `n` bare `sessions/new` (the rate the
+/// goal names, `sessions_per_sec`), then `n` rounds of `sessions/new` + `tracks/new` pushing
+/// an audio+video offer (`push_per_sec`; its latency is the step's p50/p99).
 fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
     let (server, api) = start_opencalls(600)?;
     let mut peer = BenchPeer::new(0, false, media_ip())?;
     let (offer, mids) = peer.offer_send(&[MediaKind::Audio, MediaKind::Video]);
     let body = json!({"sessionDescription": {"type": "offer", "sdp": offer},
         "tracks": mids.iter().enumerate().map(|(k, m)| json!({"location": "local", "mid": m.to_string(), "trackName": format!("t{k}")})).collect::<Vec<_>>()});
-    let mut lat = Vec::with_capacity(step.n);
-    let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
-    let t0 = Instant::now();
-    for _ in 0..step.n {
-        let t = Instant::now();
-        let session = api.new_session();
-        let r = api.send(
-            "POST",
-            &format!("sessions/{session}/tracks/new"),
-            Some(&body),
-        );
-        anyhow::ensure!(r.status == 200, "tracks/new failed: {}", r.body);
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    let secs = t0.elapsed().as_secs_f64();
-    let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+    let phase = |with_push: bool| -> anyhow::Result<(f64, f64, f64, Vec<f64>)> {
+        let mut lat = Vec::with_capacity(step.n);
+        let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let t0 = Instant::now();
+        for _ in 0..step.n {
+            let t = Instant::now();
+            let r = api.send("POST", "sessions/new", None);
+            anyhow::ensure!(r.status == 201, "sessions/new failed: {}", r.body);
+            if with_push {
+                let session = r.json()["sessionId"].as_str().unwrap_or("").to_string();
+                let r = api.send(
+                    "POST",
+                    &format!("sessions/{session}/tracks/new"),
+                    Some(&body),
+                );
+                anyhow::ensure!(r.status == 200, "tracks/new failed: {}", r.body);
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let rate = step.n as f64 / t0.elapsed().as_secs_f64();
+        let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        Ok((rate, sys::busy_between(s0, s1), sys::busy_between(g0, g1), lat))
+    };
+    let (new_rate, new_busy, new_gen, _) = phase(false)?;
+    let (push_rate, push_busy, push_gen, mut lat) = phase(true)?;
     Ok(StepResult {
         out_pps: 0.0,
-        server_busy_cores: sys::busy_between(s0, s1),
-        generator_busy: sys::busy_between(g0, g1),
+        server_busy_cores: new_busy,
+        generator_busy: new_gen.max(push_gen),
         loss: 0.0,
         p50_ms: percentile(&mut lat, 0.5),
         p99_ms: percentile(&mut lat, 0.99),
         rss_mb: sys::rss_mb(server.id()),
-        sessions: step.n,
+        sessions: 2 * step.n,
         subscribed_tracks: 0,
         join_p50_ms: None,
         join_p99_ms: None,
-        ops_per_sec: Some(step.n as f64 / secs),
+        ops_per_sec: Some(new_rate),
         joins: None,
         join_failures: 0,
+        push: Some((push_rate, push_busy)),
     })
 }
 

@@ -110,7 +110,7 @@ pub async fn new_session(
         None => None,
     };
     let worker = control.place();
-    let peer = control.build_peer(worker).await?;
+    let peer = control.build_peer(worker)?;
     let session_id = opencalls_sfu::random_hex(32);
     let key = SessionKey::next();
     control.registry().insert_session(
