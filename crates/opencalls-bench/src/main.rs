@@ -43,6 +43,10 @@ struct Cli {
     /// One JSON object per line and step.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Run only these step sizes (comma-separated `n` values) instead of the ramp: repeated
+    /// A/B runs of one step are how small changes are told apart on a noisy machine.
+    #[arg(long, value_delimiter = ',')]
+    steps: Vec<usize>,
     /// Relay mode: port.
     #[arg(long, default_value_t = 0)]
     port: u16,
@@ -94,7 +98,11 @@ fn main() -> anyhow::Result<()> {
     if scenario == Scenario::Api {
         targets.retain(|t| *t != Target::Raw); // a UDP relay has no API
     }
-    let steps = scenario.steps(cli.quick);
+    let steps = if cli.steps.is_empty() {
+        scenario.steps(cli.quick)
+    } else {
+        cli.steps.iter().map(|n| world::Step { n: *n }).collect()
+    };
     let mut raw_results: Vec<Option<StepResult>> = vec![None; steps.len()];
     for target in targets {
         for (i, step) in steps.iter().enumerate() {

@@ -102,3 +102,50 @@ pub fn bind_with_buffers(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     sock.bind(&addr.into())?;
     Ok(sock.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recv(sock: &UdpSocket) -> Option<Vec<u8>> {
+        let mut buf = [0u8; 2048];
+        sock.recv(&mut buf).ok().map(|n| buf[..n].to_vec())
+    }
+
+    #[test]
+    fn relay_fans_out_to_subscribers_until_they_leave() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let ip: IpAddr = "127.0.0.1".parse().expect("ip");
+        let relay = std::thread::spawn(move || run_relay(ip, port, Duration::from_secs(3)));
+        let to = SocketAddr::new(ip, port);
+        let sub = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        sub.set_read_timeout(Some(Duration::from_millis(300)))
+            .expect("timeout");
+        let publisher = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let media = [0, 0, 0, 7, 1, 2, 3, 4];
+        // Subscribe (resent until the relay, starting up, has seen it), then media flows.
+        let mut got = None;
+        for _ in 0..10 {
+            sub.send_to(b"SUB\0\0\0\x07", to).expect("send");
+            std::thread::sleep(Duration::from_millis(20));
+            publisher.send_to(&media, to).expect("send");
+            got = recv(&sub);
+            if got.is_some() {
+                break;
+            }
+        }
+        assert_eq!(got.as_deref(), Some(&media[..]));
+        // Another group does not reach this subscriber.
+        publisher.send_to(&[0, 0, 0, 8, 9], to).expect("send");
+        assert_eq!(recv(&sub), None);
+        // After UNS nothing more arrives.
+        sub.send_to(b"UNS\0\0\0\x07", to).expect("send");
+        std::thread::sleep(Duration::from_millis(50));
+        publisher.send_to(&media, to).expect("send");
+        assert_eq!(recv(&sub), None);
+        relay.join().expect("relay thread").expect("relay");
+    }
+}

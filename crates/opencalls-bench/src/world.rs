@@ -840,7 +840,12 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         }
         let rate = step.n as f64 / t0.elapsed().as_secs_f64();
         let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
-        Ok((rate, sys::busy_between(s0, s1), sys::busy_between(g0, g1), lat))
+        Ok((
+            rate,
+            sys::busy_between(s0, s1),
+            sys::busy_between(g0, g1),
+            lat,
+        ))
     };
     let (new_rate, new_busy, new_gen, _) = phase(false)?;
     let (push_rate, push_busy, push_gen, mut lat) = phase(true)?;
