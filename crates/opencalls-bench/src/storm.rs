@@ -76,36 +76,11 @@ impl Joining {
             } => {
                 let mut p = BenchPeer::new(index, true, *ip)?;
                 let started = p.join_started;
-                let r = api.send("POST", "sessions/new", None);
-                anyhow::ensure!(r.status == 201, "sessions/new failed: {}", r.body);
-                let session = r.json()["sessionId"].as_str().unwrap_or("").to_string();
-                let items: Vec<_> = tracks
+                let items = tracks
                     .iter()
                     .map(|t| json!({"location": "remote", "sessionId": publisher, "trackName": t}))
                     .collect();
-                let r = api.send(
-                    "POST",
-                    &format!("sessions/{session}/tracks/new"),
-                    Some(&json!({ "tracks": items })),
-                );
-                anyhow::ensure!(r.status == 200, "pull failed: {}", r.body);
-                let body = r.json();
-                let mids = body["tracks"]
-                    .as_array()
-                    .map(|ts| {
-                        ts.iter()
-                            .filter_map(|t| t["mid"].as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                let answer =
-                    p.accept_offer(body["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
-                let r = api.send(
-                    "PUT",
-                    &format!("sessions/{session}/renegotiate"),
-                    Some(&json!({"sessionDescription": {"type": "answer", "sdp": answer}})),
-                );
-                anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
+                let (session, mids) = crate::world::pull_session(api, &mut p, items)?;
                 Ok(Joined {
                     driver: Driver::Str0m(p),
                     started,

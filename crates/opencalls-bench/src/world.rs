@@ -671,6 +671,41 @@ fn str0m_sources(
         .collect()
 }
 
+/// A subscriber joins as a Calls app makes it: `sessions/new`, `tracks/new` pulling `items`,
+/// the client's answer through `renegotiate`. Returns the session id and the pulled mids.
+pub fn pull_session(
+    api: &Api,
+    p: &mut BenchPeer,
+    items: Vec<Value>,
+) -> anyhow::Result<(String, Vec<String>)> {
+    let r = api.send("POST", "sessions/new", None);
+    anyhow::ensure!(r.status == 201, "sessions/new failed: {}", r.body);
+    let session = r.json()["sessionId"].as_str().unwrap_or("").to_string();
+    let r = api.send(
+        "POST",
+        &format!("sessions/{session}/tracks/new"),
+        Some(&json!({ "tracks": items })),
+    );
+    anyhow::ensure!(r.status == 200, "pull failed: {}", r.body);
+    let body = r.json();
+    let mids = body["tracks"]
+        .as_array()
+        .map(|ts| {
+            ts.iter()
+                .filter_map(|t| t["mid"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let answer = p.accept_offer(body["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
+    let r = api.send(
+        "PUT",
+        &format!("sessions/{session}/renegotiate"),
+        Some(&json!({"sessionDescription": {"type": "answer", "sdp": answer}})),
+    );
+    anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
+    Ok((session, mids))
+}
+
 struct OpencallsWorld {
     server: Proc,
     media: Media,
@@ -714,25 +749,11 @@ impl OpencallsWorld {
         let mut subscribed = 0;
         for pulls in &t.subscribers {
             let mut p = BenchPeer::new(media.peers.len(), true, media_ip())?;
-            let session = api.new_session();
             let items: Vec<Value> = pulls
                 .iter()
                 .map(|(pi, k)| json!({"location": "remote", "sessionId": names[*pi].0, "trackName": names[*pi].1[*k]}))
                 .collect();
-            let r = api.send(
-                "POST",
-                &format!("sessions/{session}/tracks/new"),
-                Some(&json!({ "tracks": items })),
-            );
-            anyhow::ensure!(r.status == 200, "pull failed: {}", r.body);
-            let answer =
-                p.accept_offer(r.json()["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
-            let r = api.send(
-                "PUT",
-                &format!("sessions/{session}/renegotiate"),
-                Some(&json!({"sessionDescription": {"type": "answer", "sdp": answer}})),
-            );
-            anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
+            pull_session(&api, &mut p, items)?;
             subscribed += pulls.len();
             media.add(p)?;
         }
