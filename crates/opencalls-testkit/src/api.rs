@@ -73,7 +73,8 @@ impl Api {
     }
 }
 
-/// Sends one request and reads the whole answer (`Connection: close`).
+/// Sends one request and reads the whole answer (`Connection: close`); panics on I/O
+/// errors (tests want the failure where it happened).
 pub fn raw_request(
     addr: SocketAddr,
     method: &str,
@@ -81,43 +82,61 @@ pub fn raw_request(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Response {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
+    try_request(addr, method, path, headers, body, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// [`raw_request`] that returns I/O and parse errors, with the caller's read timeout (a
+/// long poll waits longer than a test request should).
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    read_timeout: Duration,
+) -> std::io::Result<Response> {
+    let bad = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(read_timeout))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     let body = body.unwrap_or("");
     req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).expect("write");
+    s.write_all(req.as_bytes())?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
+    s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw).to_string();
-    let (head, rest) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let (head, rest) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP head"))?;
     let mut lines = head.lines();
     let status: u16 = lines
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
-        .expect("status line");
+        .ok_or_else(|| bad("bad status line"))?;
     let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
         .collect();
-    let chunked = headers
-        .iter()
-        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"));
-    let body = if chunked {
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+    let body = if header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
         dechunk(rest)
     } else {
-        rest.to_string()
+        match header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) => rest.get(..n).unwrap_or(rest).to_string(),
+            None => rest.to_string(),
+        }
     };
-    Response {
+    Ok(Response {
         status,
         headers,
         body,
-    }
+    })
 }
 
 fn dechunk(mut s: &str) -> String {
