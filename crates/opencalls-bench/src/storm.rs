@@ -189,7 +189,8 @@ impl Storm {
                         continue;
                     }
                     // Behind schedule by more than a second: skip ahead, not a burst.
-                    next = (next + period).max(now - Duration::from_secs(1));
+                    next =
+                        (next + period).max(now.checked_sub(Duration::from_secs(1)).unwrap_or(now));
                     let r = joining.join(JOINER_INDEX + k);
                     k += 1;
                     if joined_tx.send(r).is_err() {
