@@ -1,6 +1,7 @@
 //! The physical limit: a plaintext UDP fan-out relay (no ICE, DTLS or SRTP), with the same
 //! packet sizes and topology as the SFU runs, batching its I/O (`recvmmsg` up to 64
-//! datagrams, `sendmmsg` 64 copies per call) in a tight loop on one pinned core.
+//! datagrams, `sendmmsg` 64 copies per call, and one UDP GSO send for a destination's
+//! equal-sized copies within a batch, as the SFU does) in a tight loop on one pinned core.
 //!
 //! Protocol: a subscriber sends `SUB` + group id (u32) to register and `UNS` + group id to
 //! leave; every other datagram is media whose first 4 bytes are its group id and is copied
@@ -12,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// Datagrams read or written per system call.
 const BATCH: usize = 64;
+/// Segments per UDP GSO send (as the SFU's media worker).
+const GSO_SEGMENTS: usize = 32;
 
 /// Runs the relay until `limit` passes (bounded: it stops by itself). Reads up to 64
 /// datagrams per `recvmmsg` and writes the copies 64 per `sendmmsg`.
@@ -19,7 +22,9 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
     use std::io::{IoSlice, IoSliceMut};
     use std::os::fd::AsRawFd;
 
-    use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrIn};
+    use nix::sys::socket::{
+        recvmmsg, sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrIn,
+    };
 
     let sock = bind_with_buffers(SocketAddr::new(ip, port))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -30,6 +35,8 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
     let mut tx_headers = MultiHeaders::<SockaddrIn>::preallocate(BATCH, None);
     let mut received: Vec<(usize, SockaddrIn)> = Vec::with_capacity(BATCH);
     let mut out: Vec<(usize, SockaddrIn)> = Vec::with_capacity(BATCH * 16);
+    let mut singles: Vec<(usize, SockaddrIn)> = Vec::with_capacity(BATCH * 16);
+    let mut scratch: Vec<u8> = Vec::with_capacity(64 * 1024);
     let end = Instant::now() + limit;
     while Instant::now() < end {
         received.clear();
@@ -74,7 +81,49 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
                 }
             }
         }
-        for chunk in out.chunks(BATCH) {
+        // Like the SFU's media worker: a destination's equal-sized packets (its copies of
+        // one frame) leave as one UDP GSO send; the rest 64 per sendmmsg.
+        out.sort_by_key(|(_, a)| (a.ip(), a.port()));
+        singles.clear();
+        let mut k = 0;
+        while k < out.len() {
+            let (first, to) = out[k];
+            let size = received[first].0;
+            let mut end = k + 1;
+            while end < out.len()
+                && end - k < GSO_SEGMENTS
+                && out[end].1 == to
+                && received[out[end].0].0 == size
+            {
+                end += 1;
+            }
+            // A shorter packet may end a run.
+            if end < out.len()
+                && end - k < GSO_SEGMENTS
+                && out[end].1 == to
+                && received[out[end].0].0 < size
+            {
+                end += 1;
+            }
+            if end - k == 1 {
+                singles.push((first, to));
+            } else {
+                scratch.clear();
+                for (i, _) in &out[k..end] {
+                    scratch.extend_from_slice(&bufs[*i][..received[*i].0]);
+                }
+                let segment = size as u16;
+                let _ = sendmsg(
+                    fd,
+                    &[IoSlice::new(&scratch)],
+                    &[ControlMessage::UdpGsoSegments(&segment)],
+                    MsgFlags::empty(),
+                    Some(&to),
+                );
+            }
+            k = end;
+        }
+        for chunk in singles.chunks(BATCH) {
             let slices: Vec<[IoSlice; 1]> = chunk
                 .iter()
                 .map(|(i, _)| [IoSlice::new(&bufs[*i][..received[*i].0])])
@@ -138,6 +187,19 @@ mod tests {
             }
         }
         assert_eq!(got.as_deref(), Some(&media[..]));
+        // Back-to-back packets of one group (one GSO send when they share a batch) arrive
+        // as separate datagrams, in order, the shorter last one included.
+        let frame: Vec<Vec<u8>> = vec![
+            vec![0, 0, 0, 7, 1, 1, 1],
+            vec![0, 0, 0, 7, 2, 2, 2],
+            vec![0, 0, 0, 7, 3],
+        ];
+        for p in &frame {
+            publisher.send_to(p, to).expect("send");
+        }
+        for p in &frame {
+            assert_eq!(recv(&sub).as_deref(), Some(&p[..]));
+        }
         // Another group does not reach this subscriber.
         publisher.send_to(&[0, 0, 0, 8, 9], to).expect("send");
         assert_eq!(recv(&sub), None);
