@@ -60,6 +60,12 @@ fn is_rtp(b: &[u8]) -> bool {
 impl ClientPeer {
     /// A client bound to 127.0.0.1 on a free port.
     pub fn new() -> ClientPeer {
+        ClientPeer::bound_to("127.0.0.1:0".parse().expect("static address"))
+    }
+
+    /// A client bound to `addr` (a port an earlier client used: a new PeerConnection
+    /// behind the same address, as a NAT or the OS may hand out again).
+    pub fn bound_to(addr: std::net::SocketAddr) -> ClientPeer {
         let now = Instant::now();
         let mut rtc = RtcConfig::new()
             .set_crypto_provider(opencalls_sfu::crypto_provider())
@@ -68,7 +74,7 @@ impl ClientPeer {
             .enable_pcma(true, false)
             .set_stats_interval(None)
             .build(now);
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind client socket");
+        let socket = UdpSocket::bind(addr).expect("bind client socket");
         socket
             .set_read_timeout(Some(Duration::from_millis(1)))
             .expect("read timeout");
@@ -90,6 +96,11 @@ impl ClientPeer {
             rtp_out: 0,
             buf: vec![0; 2048],
         }
+    }
+
+    /// The client's UDP address.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local
     }
 
     /// An offer adding send-only m-lines of these kinds; returns (sdp, mids).

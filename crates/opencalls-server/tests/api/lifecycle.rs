@@ -123,3 +123,38 @@ fn unconnected_sessions_and_silent_tracks_expire() {
     );
     assert_eq!(r.json()["tracks"][0]["errorCode"], "not_found_track_error");
 }
+
+#[test]
+fn a_new_session_from_an_address_an_old_session_still_holds_connects() {
+    let ts = TestServer::start(1);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Audio], "a");
+    // B listens from some address, then goes away without closing anything: the server
+    // still maps that address to B's session until B's session times out.
+    let (_sb, b, _) = subscribe_connected(api, &mut a, &[0]);
+    let addr = b.local_addr();
+    drop(b);
+    // C is a new PeerConnection of a new session from the very same address.
+    let sc = api.new_session();
+    let mut c = ClientPeer::bound_to(addr);
+    let mc = pull(api, &sc, &mut c, &[(&a.session, &a.names[0])])[0];
+    assert!(
+        pump(&mut [&mut a.peer, &mut c], Duration::from_secs(5), |p| p[1]
+            .connected),
+        "C connects although B's session still holds the address"
+    );
+    let opus = a.peer.pt(Codec::Opus);
+    let mid = a_mid(&a.peer);
+    for seq in 1..=10u64 {
+        a.peer.send_rtp(mid, opus, seq, (seq * 960) as u32, b"to-c");
+        pump(
+            &mut [&mut a.peer, &mut c],
+            Duration::from_millis(10),
+            |_| false,
+        );
+    }
+    assert!(
+        c.received_on(mc).iter().any(|r| &*r.payload == b"to-c"),
+        "C gets media"
+    );
+}
