@@ -166,16 +166,22 @@ impl Outbox {
                 self.send_singles(*fd, &mut singles, &mut sent, &mut dropped);
                 match send_gso(*fd, q) {
                     Ok(()) => sent += q.segments as u64,
-                    Err(nix::errno::Errno::EAGAIN) | Err(nix::errno::Errno::ENOBUFS) => {
-                        dropped += q.segments as u64
-                    }
-                    Err(e) => {
+                    // What a kernel or device without UDP GSO answers.
+                    Err(
+                        e @ (nix::errno::Errno::EIO
+                        | nix::errno::Errno::EINVAL
+                        | nix::errno::Errno::EOPNOTSUPP
+                        | nix::errno::Errno::ENOPROTOOPT),
+                    ) => {
                         if self.gso {
                             tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
                             self.gso = false;
                         }
                         singles.extend(q.data.chunks(q.segment).map(|c| (c, q.to)));
                     }
+                    // A full buffer or an unreachable destination: dropped, as a single
+                    // datagram would be.
+                    Err(_) => dropped += q.segments as u64,
                 }
             }
             self.send_singles(*fd, &mut singles, &mut sent, &mut dropped);
