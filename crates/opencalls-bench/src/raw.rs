@@ -89,21 +89,17 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
         while k < out.len() {
             let (first, to) = out[k];
             let size = received[first].0;
+            // Equal-sized copies to the same destination, a shorter one ending the run.
             let mut end = k + 1;
-            while end < out.len()
-                && end - k < GSO_SEGMENTS
-                && out[end].1 == to
-                && received[out[end].0].0 == size
-            {
+            while end < out.len() && end - k < GSO_SEGMENTS && out[end].1 == to {
+                let n = received[out[end].0].0;
+                if n > size {
+                    break;
+                }
                 end += 1;
-            }
-            // A shorter packet may end a run.
-            if end < out.len()
-                && end - k < GSO_SEGMENTS
-                && out[end].1 == to
-                && received[out[end].0].0 < size
-            {
-                end += 1;
+                if n < size {
+                    break;
+                }
             }
             if end - k == 1 {
                 singles.push((first, to));

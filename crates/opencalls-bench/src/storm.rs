@@ -237,10 +237,8 @@ impl Storm {
                 }
             };
             let slot = peers.len();
-            let socket = match &mut j.driver {
-                Driver::Str0m(p) => &mut p.socket,
-                Driver::Raw(p) => &mut p.socket,
-                Driver::Gone => continue,
+            let Some(socket) = j.driver.socket() else {
+                continue;
             };
             if poll
                 .registry()
@@ -264,11 +262,7 @@ impl Storm {
         let leaves = &self.leaves;
         let records = &mut self.records;
         self.live.retain_mut(|l| {
-            let first = match &peers[l.slot] {
-                Driver::Str0m(p) => p.first_rtp,
-                Driver::Raw(p) => p.first_rtp,
-                Driver::Gone => None,
-            };
+            let first = peers[l.slot].first_rtp();
             let due = match first {
                 Some(f) => now >= f + STAY,
                 None => now >= l.started + JOIN_TIMEOUT,
@@ -280,16 +274,12 @@ impl Storm {
                 started: l.started,
                 first_rtp: first,
             });
-            let gone = std::mem::replace(&mut peers[l.slot], Driver::Gone);
-            match gone {
-                Driver::Str0m(mut p) => {
-                    let _ = poll.registry().deregister(&mut p.socket);
-                }
-                Driver::Raw(mut p) => {
-                    p.unsubscribe_all();
-                    let _ = poll.registry().deregister(&mut p.socket);
-                }
-                Driver::Gone => {}
+            let mut gone = std::mem::replace(&mut peers[l.slot], Driver::Gone);
+            if let Driver::Raw(p) = &mut gone {
+                p.unsubscribe_all();
+            }
+            if let Some(socket) = gone.socket() {
+                let _ = poll.registry().deregister(socket);
             }
             if let Some(leave) = l.leave.take() {
                 let _ = leaves.send(leave);

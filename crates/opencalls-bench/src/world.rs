@@ -438,6 +438,26 @@ pub enum Driver {
     Gone,
 }
 
+impl Driver {
+    /// The peer's socket (none once it left).
+    pub fn socket(&mut self) -> Option<&mut mio::net::UdpSocket> {
+        match self {
+            Driver::Str0m(p) => Some(&mut p.socket),
+            Driver::Raw(p) => Some(&mut p.socket),
+            Driver::Gone => None,
+        }
+    }
+
+    /// When its first media packet arrived.
+    pub fn first_rtp(&self) -> Option<Instant> {
+        match self {
+            Driver::Str0m(p) => p.first_rtp,
+            Driver::Raw(p) => p.first_rtp,
+            Driver::Gone => None,
+        }
+    }
+}
+
 impl Media {
     fn new(
         peers: Vec<Driver>,
@@ -457,10 +477,8 @@ impl Media {
             storm: None,
         };
         for (i, p) in m.peers.iter_mut().enumerate() {
-            let sock = match p {
-                Driver::Str0m(p) => &mut p.socket,
-                Driver::Raw(p) => &mut p.socket,
-                Driver::Gone => continue,
+            let Some(sock) = p.socket() else {
+                continue;
             };
             m.poll
                 .registry()
@@ -607,10 +625,9 @@ impl Media {
         let mut r = self.measure(warm, window, server_pid)?;
         let t1 = Instant::now();
         let secs = (t1 - t0).as_secs_f64();
-        let Some(storm) = self.storm.as_ref() else {
-            anyhow::bail!("storm vanished");
-        };
-        storm.stop_joining();
+        if let Some(storm) = &self.storm {
+            storm.stop_joining();
+        }
         // Follow the window's joins to their end (RTP, or the join timeout), unmeasured.
         let end = t1 + crate::storm::JOIN_TIMEOUT + crate::storm::STAY + Duration::from_secs(1);
         while Instant::now() < end && self.storm.as_ref().is_some_and(|s| s.live() > 0) {
