@@ -27,7 +27,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 
-use crate::world::{Scenario, StepResult, Target};
+use crate::world::{Scenario, Sending, StepResult, Target};
 
 #[derive(Debug, Parser)]
 #[command(name = "opencalls-bench")]
@@ -40,6 +40,10 @@ struct Cli {
     /// A short ramp (under 3 minutes for all targets).
     #[arg(long)]
     quick: bool,
+    /// Publishers send each video frame's packets back to back instead of through a pacer
+    /// (libwebrtc paces at 2.5x the bitrate): the keyframe-burst worst case.
+    #[arg(long)]
+    burst: bool,
     /// One JSON object per line and step.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -103,6 +107,11 @@ fn main() -> anyhow::Result<()> {
     } else {
         cli.steps.iter().map(|n| world::Step { n: *n }).collect()
     };
+    let sending = if cli.burst {
+        Sending::Burst
+    } else {
+        Sending::Paced
+    };
     let mut raw_results: Vec<Option<StepResult>> = vec![None; steps.len()];
     for target in targets {
         for (i, step) in steps.iter().enumerate() {
@@ -113,14 +122,14 @@ fn main() -> anyhow::Result<()> {
                 i,
                 step.describe()
             );
-            let r = world::run_step(target, scenario, step, cli.quick);
+            let r = world::run_step(target, scenario, step, cli.quick, sending);
             let r = match r {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("  error: {e:#}");
                     let line = json!({
                         "scenario": scenario.name(), "step": i, "target": target.name(),
-                        "n": step.n, "valid": false, "error": format!("{e:#}"),
+                        "n": step.n, "sending": sending.name(), "valid": false, "error": format!("{e:#}"),
                         "out_pps": null, "server_busy_cores": null, "out_pps_per_core": null,
                         "ratio_to_raw": null, "loss": null, "p50_ms": null, "p99_ms": null, "rss_mb": null,
                     });
@@ -136,7 +145,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 _ => None,
             };
-            let line = r.to_json(scenario, i, target, step, ratio);
+            let mut line = r.to_json(scenario, i, target, step, ratio);
+            line["sending"] = json!(sending.name());
             eprintln!("  {line}");
             writeln!(out, "{line}")?;
             out.flush()?;

@@ -1,5 +1,6 @@
 //! Scenarios, topologies and one measured step per target.
 
+use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -79,24 +80,22 @@ impl Scenario {
     }
 
     /// Publishers (their track kinds) and subscribers (the (publisher, track) pairs each pulls).
-    fn topology(self, n: usize, quick: bool) -> Topology {
+    fn topology(self, n: usize, quick: bool, sending: Sending) -> Topology {
         let av = vec![MediaKind::Audio, MediaKind::Video];
-        match self {
+        let (publishers, subscribers) = match self {
             // The background a storm runs over: a webinar whose joiners pull the same tracks.
             Scenario::JoinStorm => {
-                Scenario::Webinar.topology(if quick { 10 } else { STORM_BACKGROUND }, quick)
+                let n = if quick { 10 } else { STORM_BACKGROUND };
+                return Scenario::Webinar.topology(n, quick, sending);
             }
-            Scenario::Webinar => Topology {
-                publishers: vec![av],
-                subscribers: (0..n).map(|_| vec![(0, 0), (0, 1)]).collect(),
-            },
-            Scenario::AudioRoom => Topology {
-                publishers: (0..10).map(|_| vec![MediaKind::Audio]).collect(),
-                subscribers: (0..n).map(|_| (0..10).map(|p| (p, 0)).collect()).collect(),
-            },
-            Scenario::Meeting => Topology {
-                publishers: (0..n).map(|_| av.clone()).collect(),
-                subscribers: (0..n)
+            Scenario::Webinar => (vec![av], (0..n).map(|_| vec![(0, 0), (0, 1)]).collect()),
+            Scenario::AudioRoom => (
+                (0..10).map(|_| vec![MediaKind::Audio]).collect(),
+                (0..n).map(|_| (0..10).map(|p| (p, 0)).collect()).collect(),
+            ),
+            Scenario::Meeting => (
+                (0..n).map(|_| av.clone()).collect(),
+                (0..n)
                     .map(|me| {
                         (0..n)
                             .filter(|p| *p != me)
@@ -104,8 +103,34 @@ impl Scenario {
                             .collect()
                     })
                     .collect(),
-            },
-            Scenario::Api => Topology::default(),
+            ),
+            Scenario::Api => (Vec::new(), Vec::new()),
+        };
+        Topology {
+            publishers,
+            subscribers,
+            sending,
+        }
+    }
+}
+
+/// How a publisher puts a video frame's packets on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sending {
+    /// Through a leaky-bucket pacer at 2.5x the stream's bitrate, as libwebrtc's paced sender
+    /// does: a delta frame's 6 packets leave over ~13 ms, a keyframe's 25 over ~56 ms.
+    #[default]
+    Paced,
+    /// A frame's packets back to back: every keyframe reaches the server as one burst (the
+    /// worst case; what the benchmark did before 2026-11-29's second session).
+    Burst,
+}
+
+impl Sending {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sending::Paced => "paced",
+            Sending::Burst => "burst",
         }
     }
 }
@@ -113,10 +138,11 @@ impl Scenario {
 /// Background webinar subscribers under a full join-storm.
 const STORM_BACKGROUND: usize = 20;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Topology {
     publishers: Vec<Vec<MediaKind>>,
     subscribers: Vec<Vec<(usize, usize)>>,
+    sending: Sending,
 }
 
 /// A system under test.
@@ -224,13 +250,14 @@ pub fn run_step(
     s: Scenario,
     step: &Step,
     quick: bool,
+    sending: Sending,
 ) -> anyhow::Result<StepResult> {
     let (warm, window) = if quick {
         (Duration::from_millis(700), Duration::from_millis(1500))
     } else {
         (Duration::from_secs(2), Duration::from_secs(5))
     };
-    let topology = s.topology(step.n, quick);
+    let topology = s.topology(step.n, quick, sending);
     let rate = step.n as f64;
     match (target, s) {
         (Target::Janus, Scenario::JoinStorm) => {
@@ -381,16 +408,46 @@ struct Source {
     mid: Mid,
     pt: u8,
     seq: u64,
+    /// When the next frame is captured.
     next: Instant,
     frame: u64,
     /// Raw relay only: the group id (publisher * 4 + track).
     group: u32,
+    /// Frames captured and not yet fully sent: (RTP timestamp, packets left).
+    queue: VecDeque<(u32, usize)>,
+    /// The pacer: when the next queued packet may leave, and the gap between packets.
+    paced_at: Instant,
+    gap: Duration,
 }
 
 const VIDEO_PAYLOAD: usize = 1100;
 const AUDIO_PAYLOAD: usize = 120;
 
+/// libwebrtc paces at 2.5x the target bitrate: ~1.64 Mbit/s of 1,100-byte payloads (about
+/// 1,150 bytes on the wire) is one packet per 2.25 ms.
+const PACING_GAP: Duration = Duration::from_micros(2_250);
+
 impl Source {
+    fn new(kind: MediaKind, mid: Mid, pt: u8, group: u32, sending: Sending) -> Source {
+        let now = Instant::now();
+        let gap = match (kind, sending) {
+            (MediaKind::Video, Sending::Paced) => PACING_GAP,
+            _ => Duration::ZERO,
+        };
+        Source {
+            kind,
+            mid,
+            pt,
+            seq: 1,
+            next: now,
+            frame: 0,
+            group,
+            queue: VecDeque::new(),
+            paced_at: now,
+            gap,
+        }
+    }
+
     /// Packets of the next frame: VP8-shaped video at 30 fps (keyframe of 25 packets every
     /// 3 s, else 6; ~1.6 Mbit/s) or Opus-shaped audio (one packet per 20 ms).
     fn frame_packets(&self) -> usize {
@@ -525,26 +582,39 @@ impl Media {
             let mut next = end;
             for (pi, s) in &mut self.sources {
                 while s.next <= now {
-                    let n = s.frame_packets();
-                    let ts = s.rtp_time();
-                    let payload = match s.kind {
-                        MediaKind::Audio => self.audio.clone(),
-                        MediaKind::Video => self.video.clone(),
-                    };
-                    for k in 0..n {
-                        match &mut self.peers[*pi] {
-                            Driver::Str0m(p) => {
-                                p.send(s.mid, s.pt, s.seq, ts, k + 1 == n, payload.clone())
-                            }
-                            Driver::Raw(p) => p.send(s.group, s.seq, payload.len()),
-                            Driver::Gone => {}
-                        }
-                        s.seq += 1;
+                    if s.queue.is_empty() {
+                        s.paced_at = s.paced_at.max(s.next);
                     }
+                    let n = s.frame_packets();
+                    s.queue.push_back((s.rtp_time(), n));
                     s.frame += 1;
                     s.next += s.interval();
                 }
+                let payload = match s.kind {
+                    MediaKind::Audio => &self.audio,
+                    MediaKind::Video => &self.video,
+                };
+                while let Some((ts, left)) = s.queue.front_mut() {
+                    if s.paced_at > now {
+                        break;
+                    }
+                    *left -= 1;
+                    let (ts, last) = (*ts, *left == 0);
+                    if last {
+                        s.queue.pop_front();
+                    }
+                    match &mut self.peers[*pi] {
+                        Driver::Str0m(p) => p.send(s.mid, s.pt, s.seq, ts, last, payload.clone()),
+                        Driver::Raw(p) => p.send(s.group, s.seq, payload.len()),
+                        Driver::Gone => {}
+                    }
+                    s.seq += 1;
+                    s.paced_at += s.gap;
+                }
                 next = next.min(s.next);
+                if !s.queue.is_empty() {
+                    next = next.min(s.paced_at);
+                }
             }
             for p in &mut self.peers {
                 if let Driver::Str0m(p) = p {
@@ -663,8 +733,8 @@ fn str0m_sources(
     p: &BenchPeer,
     kinds: &[MediaKind],
     mids: &[Mid],
+    sending: Sending,
 ) -> Vec<(usize, Source)> {
-    let now = Instant::now();
     kinds
         .iter()
         .zip(mids)
@@ -674,16 +744,7 @@ fn str0m_sources(
             } else {
                 Codec::Vp8
             };
-            let source = Source {
-                kind: *kind,
-                mid: *mid,
-                pt: p.pt(codec),
-                seq: 1,
-                next: now,
-                frame: 0,
-                group: 0,
-            };
-            (index, source)
+            (index, Source::new(*kind, *mid, p.pt(codec), 0, sending))
         })
         .collect()
 }
@@ -753,7 +814,7 @@ impl OpencallsWorld {
             );
             anyhow::ensure!(r.status == 200, "push failed: {}", r.body);
             p.accept_answer(r.json()["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
-            sources.extend(str0m_sources(peers.len(), &p, kinds, &mids));
+            sources.extend(str0m_sources(peers.len(), &p, kinds, &mids, t.sending));
             names.push((
                 session,
                 (0..kinds.len()).map(|k| format!("p{i}t{k}")).collect(),
@@ -810,22 +871,12 @@ impl RawWorld {
         std::thread::sleep(Duration::from_millis(200));
         let mut peers = Vec::new();
         let mut sources = Vec::new();
-        let now = Instant::now();
         for (i, kinds) in t.publishers.iter().enumerate() {
             let p = crate::raw_client::RawPeer::new(peers.len(), relay_addr)?;
             for (k, kind) in kinds.iter().enumerate() {
-                sources.push((
-                    peers.len(),
-                    Source {
-                        kind: *kind,
-                        mid: Mid::from("raw"),
-                        pt: 0,
-                        seq: 1,
-                        next: now,
-                        frame: 0,
-                        group: (i * 4 + k) as u32,
-                    },
-                ));
+                let group = (i * 4 + k) as u32;
+                let source = Source::new(*kind, Mid::from("raw"), 0, group, t.sending);
+                sources.push((peers.len(), source));
             }
             peers.push(Driver::Raw(p));
         }
@@ -931,7 +982,7 @@ impl JanusWorld {
             let (offer, mids) = p.offer_send(kinds);
             let (answer, feed) = client.publish(room, &format!("p{i}"), &offer)?;
             p.accept_answer(&answer)?;
-            sources.extend(str0m_sources(peers.len(), &p, kinds, &mids));
+            sources.extend(str0m_sources(peers.len(), &p, kinds, &mids, t.sending));
             feeds.push(feed);
             peers.push(Driver::Str0m(p));
         }
