@@ -2,9 +2,10 @@
 //!
 //! Pure bookkeeping; the owning [`crate::worker`] does I/O and routing between sessions.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
+
+use rustc_hash::FxHashMap;
 
 use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
 use crate::forward::{KeyframePacer, SeqRewriter};
@@ -104,8 +105,8 @@ pub(crate) enum TrackSlot {
 /// One Calls session.
 pub(crate) struct Session {
     pub peer: Peer,
-    pub publications: HashMap<Mid, Publication>,
-    pub subscriptions: HashMap<Mid, Subscription>,
+    pub publications: FxHashMap<Mid, Publication>,
+    pub subscriptions: FxHashMap<Mid, Subscription>,
     /// Every track in creation order (closed ones too: GET lists them as inactive).
     pub order: Vec<TrackSlot>,
     /// Pulls waiting for the answer to our offer.
@@ -125,8 +126,8 @@ impl Session {
     pub fn new(peer: Peer, now: Instant) -> Session {
         Session {
             peer,
-            publications: HashMap::new(),
-            subscriptions: HashMap::new(),
+            publications: FxHashMap::default(),
+            subscriptions: FxHashMap::default(),
             order: Vec::new(),
             pending_pulls: Vec::new(),
             pending_publishes: Vec::new(),

@@ -14,7 +14,7 @@
 //! tick (twice a second) walks all sessions of one worker.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::batch::{Inbox, Outbox};
 use crate::command::*;
@@ -207,13 +208,15 @@ impl MediaPlane {
                         events,
                         stats,
                         timeouts,
-                        sessions: HashMap::new(),
+                        sessions: FxHashMap::default(),
                         by_addr: HashMap::new(),
                         by_ufrag: HashMap::new(),
-                        publications: HashMap::new(),
-                        subscribers: HashMap::new(),
+                        publications: FxHashMap::default(),
+                        subscribers: FxHashMap::default(),
                         timers: BinaryHeap::new(),
-                        deferred_keyframes: HashSet::new(),
+                        due: Vec::new(),
+                        clock: Instant::now(),
+                        deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         fds: Vec::new(),
                         queue: VecDeque::new(),
@@ -294,15 +297,22 @@ struct Worker {
     events: Sender<MediaEvent>,
     stats: Arc<WorkerStats>,
     timeouts: Timeouts,
-    sessions: HashMap<SessionKey, Session>,
+    // Maps keyed by ids this process assigns hash with Fx (they sit on the per-packet path);
+    // maps keyed by what clients choose (addresses, ufrags) keep std's keyed hasher.
+    sessions: FxHashMap<SessionKey, Session>,
     by_addr: HashMap<SocketAddr, SessionKey>,
     by_ufrag: HashMap<String, SessionKey>,
     /// Publications owned by this worker.
-    publications: HashMap<TrackKey, (SessionKey, Mid)>,
+    publications: FxHashMap<TrackKey, (SessionKey, Mid)>,
     /// Subscribers on this worker, by publication.
-    subscribers: HashMap<TrackKey, Vec<(SessionKey, Mid)>>,
+    subscribers: FxHashMap<TrackKey, Vec<(SessionKey, Mid)>>,
     timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
-    deferred_keyframes: HashSet<TrackKey>,
+    /// Deadlines that were already due when str0m named them (after nearly every write):
+    /// fired in order without a trip through the heap.
+    due: Vec<(Instant, SessionKey)>,
+    /// The time of the media handled last; a deadline not after it is due.
+    clock: Instant,
+    deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
     /// Raw fds of `sockets`, in order, for the outbox.
@@ -363,6 +373,9 @@ impl Worker {
             let mut deadline = next_housekeeping;
             if let Some(Reverse((t, _))) = self.timers.peek() {
                 deadline = deadline.min(*t);
+            }
+            if !self.due.is_empty() {
+                deadline = now;
             }
             let wait = deadline.saturating_duration_since(now);
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
@@ -509,7 +522,11 @@ impl Worker {
                     // this keeps the heap from filling with superseded entries.
                     if session.next_timeout.is_none_or(|scheduled| t < scheduled) {
                         session.next_timeout = Some(t);
-                        self.timers.push(Reverse((t, key)));
+                        if t <= self.clock {
+                            self.due.push((t, key));
+                        } else {
+                            self.timers.push(Reverse((t, key)));
+                        }
                     }
                     return;
                 }
@@ -531,22 +548,34 @@ impl Worker {
     }
 
     fn fire_timers(&mut self, now: Instant) {
+        self.clock = now;
+        let mut due = std::mem::take(&mut self.due);
+        for (t, key) in due.drain(..) {
+            self.fire(t, key, now);
+        }
+        // Keep the allocation; anything that fell due meanwhile is still in `self.due`.
+        due.append(&mut self.due);
+        self.due = due;
         while let Some(Reverse((t, key))) = self.timers.peek().copied() {
             if t > now {
                 return;
             }
             self.timers.pop();
-            let Some(session) = self.sessions.get_mut(&key) else {
-                continue;
-            };
-            if session.next_timeout != Some(t) {
-                continue; // superseded
-            }
-            session.next_timeout = None;
-            match catch_unwind(AssertUnwindSafe(|| session.peer.handle_timeout(now))) {
-                Ok(_) => self.drain(key),
-                Err(_) => self.closing.push((key, CloseReason::Crashed)),
-            }
+            self.fire(t, key, now);
+        }
+    }
+
+    fn fire(&mut self, t: Instant, key: SessionKey, now: Instant) {
+        let Some(session) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if session.next_timeout != Some(t) {
+            return; // superseded
+        }
+        session.next_timeout = None;
+        match catch_unwind(AssertUnwindSafe(|| session.peer.handle_timeout(now))) {
+            Ok(_) => self.drain(key),
+            Err(_) => self.closing.push((key, CloseReason::Crashed)),
         }
     }
 
@@ -658,6 +687,7 @@ impl Worker {
 
     /// Fans one packet out to this worker's subscribers of `track`.
     fn deliver(&mut self, track: TrackKey, packet: &Forwarded, now: Instant) {
+        self.clock = self.clock.max(now);
         let Some(subs) = self.subscribers.get_mut(&track) else {
             return;
         };
