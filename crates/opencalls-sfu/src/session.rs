@@ -118,8 +118,11 @@ pub(crate) struct Session {
     pub disconnected_since: Option<Instant>,
     /// Client addresses ICE validated for this session.
     pub addrs: Vec<SocketAddr>,
-    /// The wake scheduled in the worker's timer heap (at or before the peer's deadline).
-    pub next_timeout: Option<Instant>,
+    /// The wake this session holds in the worker's timer heap (at or before the peer's
+    /// deadline); older heap entries of the session are stale and skipped.
+    pub heap_wake: Option<Instant>,
+    /// Whether the session is on the worker's list of deadlines already due.
+    pub due: bool,
 }
 
 impl Session {
@@ -134,7 +137,8 @@ impl Session {
             last_negotiation: now,
             disconnected_since: None,
             addrs: Vec::new(),
-            next_timeout: None,
+            heap_wake: None,
+            due: false,
         }
     }
 

@@ -307,9 +307,9 @@ struct Worker {
     /// Subscribers on this worker, by publication.
     subscribers: FxHashMap<TrackKey, Vec<(SessionKey, Mid)>>,
     timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
-    /// Deadlines that were already due when str0m named them (after nearly every write):
-    /// fired in order without a trip through the heap.
-    due: Vec<(Instant, SessionKey)>,
+    /// Sessions whose deadline was already due when str0m named it (after nearly every
+    /// write): fired in order without a trip through the heap.
+    due: Vec<SessionKey>,
     /// The time of the media handled last; a deadline not after it is due.
     clock: Instant,
     deferred_keyframes: FxHashSet<TrackKey>,
@@ -516,17 +516,20 @@ impl Worker {
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
                 PeerOutput::Timeout(t) => {
-                    // Only an earlier deadline needs a new heap entry: a later one is
-                    // picked up when the scheduled wake runs (str0m takes early timeouts
-                    // fine). Forwarding changes the deadline on nearly every write, so
-                    // this keeps the heap from filling with superseded entries.
-                    if session.next_timeout.is_none_or(|scheduled| t < scheduled) {
-                        session.next_timeout = Some(t);
-                        if t <= self.clock {
-                            self.due.push((t, key));
-                        } else {
-                            self.timers.push(Reverse((t, key)));
+                    // A deadline already due (str0m names one after nearly every write) goes
+                    // on the due list, once. A later one needs a heap entry only if it is
+                    // earlier than the session's current one: waking early is harmless
+                    // (str0m takes early timeouts and names its deadline again), and this
+                    // keeps the heap at about one live entry per session instead of one
+                    // per forwarded packet.
+                    if t <= self.clock {
+                        if !session.due {
+                            session.due = true;
+                            self.due.push(key);
                         }
+                    } else if session.heap_wake.is_none_or(|h| t < h) {
+                        session.heap_wake = Some(t);
+                        self.timers.push(Reverse((t, key)));
                     }
                     return;
                 }
@@ -550,8 +553,11 @@ impl Worker {
     fn fire_timers(&mut self, now: Instant) {
         self.clock = now;
         let mut due = std::mem::take(&mut self.due);
-        for (t, key) in due.drain(..) {
-            self.fire(t, key, now);
+        for key in due.drain(..) {
+            if let Some(s) = self.sessions.get_mut(&key) {
+                s.due = false;
+            }
+            self.fire(key, now);
         }
         // Keep the allocation; anything that fell due meanwhile is still in `self.due`.
         due.append(&mut self.due);
@@ -561,18 +567,22 @@ impl Worker {
                 return;
             }
             self.timers.pop();
-            self.fire(t, key, now);
+            let Some(s) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            if s.heap_wake != Some(t) {
+                continue; // stale: the session holds an earlier or newer wake
+            }
+            s.heap_wake = None;
+            self.fire(key, now);
         }
     }
 
-    fn fire(&mut self, t: Instant, key: SessionKey, now: Instant) {
+    /// Runs a session's str0m timers and drains what they release.
+    fn fire(&mut self, key: SessionKey, now: Instant) {
         let Some(session) = self.sessions.get_mut(&key) else {
             return;
         };
-        if session.next_timeout != Some(t) {
-            return; // superseded
-        }
-        session.next_timeout = None;
         match catch_unwind(AssertUnwindSafe(|| session.peer.handle_timeout(now))) {
             Ok(_) => self.drain(key),
             Err(_) => self.closing.push((key, CloseReason::Crashed)),
