@@ -128,6 +128,11 @@ impl BenchPeer {
             );
         }
         self.drain(None);
+        // str0m's pacer releases what was written only from a timeout: run it now, so the
+        // packet leaves when it is stamped (as the raw relay's client sends at once) and not
+        // after the generator has written every other publisher's packets.
+        let _ = self.rtc.handle_input(Input::Timeout(Instant::now()));
+        self.drain(None);
     }
 
     /// Reads everything the socket holds.
