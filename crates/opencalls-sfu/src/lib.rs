@@ -12,6 +12,7 @@ pub mod forward;
 pub mod peer;
 mod session;
 pub mod stun;
+mod timers;
 pub mod worker;
 
 pub use command::*;

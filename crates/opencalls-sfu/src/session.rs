@@ -10,6 +10,7 @@ use rustc_hash::FxHashMap;
 use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
 use crate::forward::{KeyframePacer, SeqRewriter};
 use crate::peer::{CodecSpec, Kind, Mid, Peer, Rid};
+use crate::timers::{HasTimer, SessionTimer};
 
 /// A track this session publishes (Calls `location: local`).
 #[derive(Debug)]
@@ -118,11 +119,8 @@ pub(crate) struct Session {
     pub disconnected_since: Option<Instant>,
     /// Client addresses ICE validated for this session.
     pub addrs: Vec<SocketAddr>,
-    /// The wake this session holds in the worker's timer heap (at or before the peer's
-    /// deadline); older heap entries of the session are stale and skipped.
-    pub heap_wake: Option<Instant>,
-    /// Whether the session is on the worker's list of deadlines already due.
-    pub due: bool,
+    /// Its place in the worker's timers.
+    pub timer: SessionTimer,
 }
 
 impl Session {
@@ -137,8 +135,7 @@ impl Session {
             last_negotiation: now,
             disconnected_since: None,
             addrs: Vec::new(),
-            heap_wake: None,
-            due: false,
+            timer: SessionTimer::default(),
         }
     }
 
@@ -178,6 +175,12 @@ impl Session {
         if !self.order.contains(&slot) {
             self.order.push(slot);
         }
+    }
+}
+
+impl HasTimer for Session {
+    fn timer(&mut self) -> &mut SessionTimer {
+        &mut self.timer
     }
 }
 

@@ -13,8 +13,7 @@
 //! Invariant: no code path here visits every session per packet; only the housekeeping
 //! tick (twice a second) walks all sessions of one worker.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -35,6 +34,7 @@ use crate::peer::{
 };
 use crate::session::{Publication, Session, Subscription, TrackSlot};
 use crate::stun;
+use crate::timers::Timers;
 
 const WAKER: Token = Token(usize::MAX);
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
@@ -213,9 +213,8 @@ impl MediaPlane {
                         by_ufrag: HashMap::new(),
                         publications: FxHashMap::default(),
                         subscribers: FxHashMap::default(),
-                        timers: BinaryHeap::new(),
-                        due: Vec::new(),
-                        clock: Instant::now(),
+                        timers: Timers::new(Instant::now()),
+                        firing: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         fds: Vec::new(),
@@ -306,12 +305,9 @@ struct Worker {
     publications: FxHashMap<TrackKey, (SessionKey, Mid)>,
     /// Subscribers on this worker, by publication.
     subscribers: FxHashMap<TrackKey, Vec<(SessionKey, Mid)>>,
-    timers: BinaryHeap<Reverse<(Instant, SessionKey)>>,
-    /// Sessions whose deadline was already due when str0m named it (after nearly every
-    /// write): fired in order without a trip through the heap.
-    due: Vec<SessionKey>,
-    /// The time of the media handled last; a deadline not after it is due.
-    clock: Instant,
+    timers: Timers,
+    /// Sessions whose timers run this turn (kept for its allocation).
+    firing: Vec<SessionKey>,
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
@@ -371,11 +367,8 @@ impl Worker {
         while self.running {
             let now = Instant::now();
             let mut deadline = next_housekeeping;
-            if let Some(Reverse((t, _))) = self.timers.peek() {
-                deadline = deadline.min(*t);
-            }
-            if !self.due.is_empty() {
-                deadline = now;
+            if let Some(t) = self.timers.next_wake() {
+                deadline = deadline.min(t);
             }
             let wait = deadline.saturating_duration_since(now);
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
@@ -516,21 +509,7 @@ impl Worker {
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
                 PeerOutput::Timeout(t) => {
-                    // A deadline already due (str0m names one after nearly every write) goes
-                    // on the due list, once. A later one needs a heap entry only if it is
-                    // earlier than the session's current one: waking early is harmless
-                    // (str0m takes early timeouts and names its deadline again), and this
-                    // keeps the heap at about one live entry per session instead of one
-                    // per forwarded packet.
-                    if t <= self.clock {
-                        if !session.due {
-                            session.due = true;
-                            self.due.push(key);
-                        }
-                    } else if session.heap_wake.is_none_or(|h| t < h) {
-                        session.heap_wake = Some(t);
-                        self.timers.push(Reverse((t, key)));
-                    }
+                    self.timers.schedule(key, &mut session.timer, t);
                     return;
                 }
             }
@@ -551,31 +530,12 @@ impl Worker {
     }
 
     fn fire_timers(&mut self, now: Instant) {
-        self.clock = now;
-        let mut due = std::mem::take(&mut self.due);
-        for key in due.drain(..) {
-            if let Some(s) = self.sessions.get_mut(&key) {
-                s.due = false;
-            }
+        let mut firing = std::mem::take(&mut self.firing);
+        self.timers.expired(now, &mut self.sessions, &mut firing);
+        for key in firing.drain(..) {
             self.fire(key, now);
         }
-        // Keep the allocation; anything that fell due meanwhile is still in `self.due`.
-        due.append(&mut self.due);
-        self.due = due;
-        while let Some(Reverse((t, key))) = self.timers.peek().copied() {
-            if t > now {
-                return;
-            }
-            self.timers.pop();
-            let Some(s) = self.sessions.get_mut(&key) else {
-                continue;
-            };
-            if s.heap_wake != Some(t) {
-                continue; // stale: the session holds an earlier or newer wake
-            }
-            s.heap_wake = None;
-            self.fire(key, now);
-        }
+        self.firing = firing;
     }
 
     /// Runs a session's str0m timers and drains what they release.
@@ -697,7 +657,7 @@ impl Worker {
 
     /// Fans one packet out to this worker's subscribers of `track`.
     fn deliver(&mut self, track: TrackKey, packet: &Forwarded, now: Instant) {
-        self.clock = self.clock.max(now);
+        self.timers.advance(now);
         let Some(subs) = self.subscribers.get_mut(&track) else {
             return;
         };
