@@ -34,6 +34,8 @@ pub struct BenchPeer {
     pub join_started: Instant,
     pub first_rtp: Option<Instant>,
     buf: Vec<u8>,
+    /// Send m-lines the remote asked a keyframe for (PLI/FIR), not yet served.
+    keyframe_requests: Vec<Mid>,
 }
 
 impl BenchPeer {
@@ -59,6 +61,7 @@ impl BenchPeer {
             abs_id: None,
             connected: false,
             next_timeout: now,
+            keyframe_requests: Vec::new(),
             index,
             join_started: now,
             first_rtp: None,
@@ -135,6 +138,13 @@ impl BenchPeer {
         self.drain(None);
     }
 
+    /// Whether the remote asked for a keyframe on send m-line `mid` since the last call.
+    pub fn take_keyframe_request(&mut self, mid: Mid) -> bool {
+        let before = self.keyframe_requests.len();
+        self.keyframe_requests.retain(|m| *m != mid);
+        self.keyframe_requests.len() != before
+    }
+
     /// Reads everything the socket holds.
     pub fn read(&mut self, mut meter: Option<&mut Meter>) {
         while let Ok((n, source)) = self.socket.recv_from(&mut self.buf) {
@@ -190,6 +200,11 @@ impl BenchPeer {
                     let _ = self.socket.send_to(&t.contents, t.destination);
                 }
                 Ok(Output::Event(Event::Connected)) => self.connected = true,
+                Ok(Output::Event(Event::KeyframeRequest(r))) => {
+                    if !self.keyframe_requests.contains(&r.mid) {
+                        self.keyframe_requests.push(r.mid);
+                    }
+                }
                 Ok(Output::Event(Event::RtpPacket(p))) => {
                     // Full (non-light) receivers: publishers never get media here.
                     if let Some(m) = meter.as_deref_mut() {

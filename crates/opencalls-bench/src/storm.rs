@@ -160,6 +160,9 @@ pub struct Storm {
     pub records: Vec<JoinRecord>,
     /// Join requests that failed before reaching the media loop (API or SDP errors).
     pub request_failures: usize,
+    /// Raw joins not yet turned into a keyframe request (an SFU asks its publisher for a
+    /// keyframe when a subscriber joins; the relay cannot, so the generator does).
+    raw_joins: usize,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -209,6 +212,7 @@ impl Storm {
             next_check: Instant::now(),
             records: Vec::new(),
             request_failures: 0,
+            raw_joins: 0,
             stop,
             thread: Some(thread),
         })
@@ -226,6 +230,11 @@ impl Storm {
 
     /// Takes in new joiners (every call, so join times are not rounded up to a tick) and
     /// makes due ones leave (every 10 ms).
+    /// Whether raw subscribers joined since the last call (they want a keyframe).
+    pub fn take_raw_joins(&mut self) -> bool {
+        std::mem::take(&mut self.raw_joins) > 0
+    }
+
     pub fn service(&mut self, now: Instant, peers: &mut Vec<Driver>, poll: &Poll) {
         while let Ok(j) = self.joined.try_recv() {
             let mut j = match j {
@@ -247,6 +256,9 @@ impl Storm {
             {
                 self.request_failures += 1;
                 continue;
+            }
+            if matches!(j.driver, Driver::Raw(_)) {
+                self.raw_joins += 1;
             }
             peers.push(j.driver);
             self.live.push_back(Live {

@@ -184,6 +184,8 @@ pub struct StepResult {
     /// api: sessions/new + tracks/new (push) rounds per second, and the server's busy cores
     /// meanwhile.
     pub push: Option<(f64, f64)>,
+    /// Keyframes publishers made because one was asked for, per second of the window.
+    pub forced_keyframes_per_sec: Option<f64>,
 }
 
 impl StepResult {
@@ -222,6 +224,7 @@ impl StepResult {
             "joins": self.joins, "join_failures": self.join_failures,
             "push_per_sec": self.push.map(|p| round(p.0)),
             "push_per_sec_per_core": self.push.map(|(r, b)| round(if b > 0.0 { r / b } else { 0.0 })),
+            "forced_keyframes_per_sec": self.forced_keyframes_per_sec.map(round3),
         })
     }
 }
@@ -418,10 +421,21 @@ struct Source {
     /// The pacer: when the next queued packet may leave, and the gap between packets.
     paced_at: Instant,
     gap: Duration,
+    /// A keyframe was asked for (PLI/FIR through an SFU, or a raw join), and when the last
+    /// asked-for keyframe was made.
+    key_wanted: bool,
+    last_forced_key: Option<Instant>,
 }
 
 const VIDEO_PAYLOAD: usize = 1100;
 const AUDIO_PAYLOAD: usize = 120;
+
+/// Packets of a keyframe (periodic or asked for).
+const KEYFRAME_PACKETS: usize = 25;
+/// Frames between periodic keyframes (3 s at 30 fps).
+const KEYFRAME_EVERY: u64 = 90;
+/// Asked-for keyframes come at most this often (what opencalls' PLI pacing lets through).
+const KEYFRAME_REQUEST_GAP: Duration = Duration::from_millis(500);
 
 /// libwebrtc paces at 2.5x the target bitrate: ~1.64 Mbit/s of 1,100-byte payloads (about
 /// 1,150 bytes on the wire) is one packet per 2.25 ms.
@@ -445,6 +459,8 @@ impl Source {
             queue: VecDeque::new(),
             paced_at: now,
             gap,
+            key_wanted: false,
+            last_forced_key: None,
         }
     }
 
@@ -453,7 +469,7 @@ impl Source {
     fn frame_packets(&self) -> usize {
         match self.kind {
             MediaKind::Audio => 1,
-            MediaKind::Video if self.frame.is_multiple_of(90) => 25,
+            MediaKind::Video if self.frame.is_multiple_of(KEYFRAME_EVERY) => KEYFRAME_PACKETS,
             MediaKind::Video => 6,
         }
     }
@@ -484,6 +500,8 @@ struct Media {
     video: Arc<[u8]>,
     audio: Arc<[u8]>,
     storm: Option<Storm>,
+    /// Keyframes made because one was asked for.
+    forced_keyframes: u64,
 }
 
 // Peers live in one Vec for their whole run; boxing would only add an indirection per packet.
@@ -532,7 +550,21 @@ impl Media {
             video: vec![0x5a; VIDEO_PAYLOAD].into(),
             audio: vec![0xa5; AUDIO_PAYLOAD].into(),
             storm: None,
+            forced_keyframes: 0,
         };
+        // Media starts now, not when each source was set up (no catch-up burst), and the
+        // sources' frame phases and periodic keyframes are spread over their intervals as
+        // independent cameras' are.
+        let now = Instant::now();
+        let count = m.sources.len().max(1) as u32;
+        for (i, (_, s)) in m.sources.iter_mut().enumerate() {
+            let i = i as u32;
+            s.next = now + s.interval() * i / count;
+            s.paced_at = s.next;
+            if s.kind == MediaKind::Video {
+                s.frame = u64::from(i) * KEYFRAME_EVERY / u64::from(count);
+            }
+        }
         for (i, p) in m.peers.iter_mut().enumerate() {
             let Some(sock) = p.socket() else {
                 continue;
@@ -581,11 +613,25 @@ impl Media {
             }
             let mut next = end;
             for (pi, s) in &mut self.sources {
+                if let Driver::Str0m(p) = &mut self.peers[*pi] {
+                    s.key_wanted |= p.take_keyframe_request(s.mid);
+                }
                 while s.next <= now {
                     if s.queue.is_empty() {
                         s.paced_at = s.paced_at.max(s.next);
                     }
-                    let n = s.frame_packets();
+                    let forced = s.kind == MediaKind::Video
+                        && s.key_wanted
+                        && s.last_forced_key
+                            .is_none_or(|t| s.next >= t + KEYFRAME_REQUEST_GAP);
+                    let n = if forced {
+                        s.key_wanted = false;
+                        s.last_forced_key = Some(s.next);
+                        self.forced_keyframes += 1;
+                        KEYFRAME_PACKETS
+                    } else {
+                        s.frame_packets()
+                    };
                     s.queue.push_back((s.rtp_time(), n));
                     s.frame += 1;
                     s.next += s.interval();
@@ -634,6 +680,13 @@ impl Media {
             }
             if let Some(storm) = &mut self.storm {
                 storm.service(now, &mut self.peers, &self.poll);
+                if storm.take_raw_joins() {
+                    for (pi, s) in &mut self.sources {
+                        if matches!(self.peers[*pi], Driver::Raw(_)) {
+                            s.key_wanted = true;
+                        }
+                    }
+                }
             }
         }
     }
@@ -648,8 +701,10 @@ impl Media {
         let mut meter = Meter::default();
         let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
         let t0 = Instant::now();
+        let forced0 = self.forced_keyframes;
         self.run(window, Some(&mut meter));
         let secs = t0.elapsed().as_secs_f64();
+        let forced = (self.forced_keyframes - forced0) as f64 / secs;
         let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
         let mut joins: Vec<f64> = self
             .peers
@@ -677,6 +732,7 @@ impl Media {
             joins: None,
             join_failures: 0,
             push: None,
+            forced_keyframes_per_sec: Some(forced),
         })
     }
 
@@ -954,6 +1010,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         joins: None,
         join_failures: 0,
         push: Some((push_rate, push_busy)),
+        forced_keyframes_per_sec: None,
     })
 }
 
