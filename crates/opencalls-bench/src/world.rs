@@ -474,6 +474,62 @@ impl Source {
         }
     }
 
+    /// Captures the frames due by `now`: a keyframe when one was asked for (at most every
+    /// [`KEYFRAME_REQUEST_GAP`]) or the periodic one is due. Returns how many keyframes were
+    /// made because one was asked for.
+    fn capture(&mut self, now: Instant) -> u64 {
+        let mut forced_count = 0;
+        while self.next <= now {
+            if self.queue.is_empty() {
+                self.paced_at = self.paced_at.max(self.next);
+            }
+            let forced = self.kind == MediaKind::Video
+                && self.key_wanted
+                && self
+                    .last_forced_key
+                    .is_none_or(|t| self.next >= t + KEYFRAME_REQUEST_GAP);
+            let n = if forced {
+                self.key_wanted = false;
+                self.last_forced_key = Some(self.next);
+                forced_count += 1;
+                KEYFRAME_PACKETS
+            } else {
+                self.frame_packets()
+            };
+            self.queue.push_back((self.rtp_time(), n));
+            self.frame += 1;
+            self.next += self.interval();
+        }
+        forced_count
+    }
+
+    /// The next packet the pacer lets leave by `now`: (sequence number, RTP timestamp,
+    /// marker: the frame's last packet).
+    fn next_packet(&mut self, now: Instant) -> Option<(u64, u32, bool)> {
+        if self.paced_at > now {
+            return None;
+        }
+        let (ts, left) = self.queue.front_mut()?;
+        *left -= 1;
+        let (ts, last) = (*ts, *left == 0);
+        if last {
+            self.queue.pop_front();
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        self.paced_at += self.gap;
+        Some((seq, ts, last))
+    }
+
+    /// When this source next needs the loop: its next frame, or its next paced packet.
+    fn wake(&self) -> Instant {
+        if self.queue.is_empty() {
+            self.next
+        } else {
+            self.next.min(self.paced_at)
+        }
+    }
+
     fn interval(&self) -> Duration {
         match self.kind {
             MediaKind::Audio => Duration::from_millis(20),
@@ -616,51 +672,19 @@ impl Media {
                 if let Driver::Str0m(p) = &mut self.peers[*pi] {
                     s.key_wanted |= p.take_keyframe_request(s.mid);
                 }
-                while s.next <= now {
-                    if s.queue.is_empty() {
-                        s.paced_at = s.paced_at.max(s.next);
-                    }
-                    let forced = s.kind == MediaKind::Video
-                        && s.key_wanted
-                        && s.last_forced_key
-                            .is_none_or(|t| s.next >= t + KEYFRAME_REQUEST_GAP);
-                    let n = if forced {
-                        s.key_wanted = false;
-                        s.last_forced_key = Some(s.next);
-                        self.forced_keyframes += 1;
-                        KEYFRAME_PACKETS
-                    } else {
-                        s.frame_packets()
-                    };
-                    s.queue.push_back((s.rtp_time(), n));
-                    s.frame += 1;
-                    s.next += s.interval();
-                }
+                self.forced_keyframes += s.capture(now);
                 let payload = match s.kind {
                     MediaKind::Audio => &self.audio,
                     MediaKind::Video => &self.video,
                 };
-                while let Some((ts, left)) = s.queue.front_mut() {
-                    if s.paced_at > now {
-                        break;
-                    }
-                    *left -= 1;
-                    let (ts, last) = (*ts, *left == 0);
-                    if last {
-                        s.queue.pop_front();
-                    }
+                while let Some((seq, ts, last)) = s.next_packet(now) {
                     match &mut self.peers[*pi] {
-                        Driver::Str0m(p) => p.send(s.mid, s.pt, s.seq, ts, last, payload.clone()),
-                        Driver::Raw(p) => p.send(s.group, s.seq, payload.len()),
+                        Driver::Str0m(p) => p.send(s.mid, s.pt, seq, ts, last, payload.clone()),
+                        Driver::Raw(p) => p.send(s.group, seq, payload.len()),
                         Driver::Gone => {}
                     }
-                    s.seq += 1;
-                    s.paced_at += s.gap;
                 }
-                next = next.min(s.next);
-                if !s.queue.is_empty() {
-                    next = next.min(s.paced_at);
-                }
+                next = next.min(s.wake());
             }
             for p in &mut self.peers {
                 if let Driver::Str0m(p) = p {
@@ -1073,5 +1097,106 @@ impl JanusWorld {
             feeds,
             server,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(kind: MediaKind, sending: Sending, t0: Instant) -> Source {
+        let mut s = Source::new(kind, Mid::from("m"), 96, 0, sending);
+        s.next = t0;
+        s.paced_at = t0;
+        s
+    }
+
+    /// Every packet that leaves by `until`, polling each 250 µs: (time, seq, ts, marker).
+    fn run(s: &mut Source, t0: Instant, until: Duration) -> Vec<(Duration, u64, u32, bool)> {
+        let mut out = Vec::new();
+        let mut t = Duration::ZERO;
+        while t <= until {
+            s.capture(t0 + t);
+            while let Some((seq, ts, last)) = s.next_packet(t0 + t) {
+                out.push((t, seq, ts, last));
+            }
+            t += Duration::from_micros(250);
+        }
+        out
+    }
+
+    #[test]
+    fn a_paced_frame_leaves_a_packet_per_gap_with_the_marker_on_its_last() {
+        let t0 = Instant::now();
+        let mut s = source(MediaKind::Video, Sending::Paced, t0);
+        s.frame = 1; // a delta frame: 6 packets
+        let sent = run(&mut s, t0, Duration::from_millis(20));
+        let frame: Vec<_> = sent.iter().filter(|p| p.2 == 3000).collect();
+        assert_eq!(frame.len(), 6);
+        for (k, p) in frame.iter().enumerate() {
+            assert_eq!(p.1, 1 + k as u64, "sequence numbers in order");
+            assert_eq!(p.3, k == 5, "marker on the last packet only");
+            let at = PACING_GAP * k as u32;
+            assert!(
+                p.0 >= at && p.0 < at + Duration::from_micros(250),
+                "{:?}",
+                p.0
+            );
+        }
+        assert_eq!(s.wake(), t0 + s.interval(), "idle until the next frame");
+    }
+
+    #[test]
+    fn burst_sends_a_whole_frame_at_once_and_audio_is_never_paced() {
+        let t0 = Instant::now();
+        let mut v = source(MediaKind::Video, Sending::Burst, t0);
+        let sent = run(&mut v, t0, Duration::from_millis(1));
+        assert_eq!(
+            sent.len(),
+            KEYFRAME_PACKETS,
+            "frame 0 is a periodic keyframe"
+        );
+        assert!(sent.iter().all(|p| p.0 == Duration::ZERO));
+        let mut a = source(MediaKind::Audio, Sending::Paced, t0);
+        let sent = run(&mut a, t0, Duration::from_millis(50));
+        let times: Vec<_> = sent.iter().map(|p| p.0.as_millis()).collect();
+        assert_eq!(times, [0, 20, 40]);
+        assert!(sent.iter().all(|p| p.3));
+    }
+
+    #[test]
+    fn an_asked_for_keyframe_comes_at_the_next_frame_and_at_most_every_500_ms() {
+        let t0 = Instant::now();
+        let mut s = source(MediaKind::Video, Sending::Burst, t0);
+        s.frame = 1;
+        let frame_sizes = |s: &mut Source, at: Duration| -> Vec<usize> {
+            s.capture(t0 + at);
+            let mut sizes = vec![0];
+            while let Some((_, _, last)) = s.next_packet(t0 + at) {
+                *sizes.last_mut().unwrap() += 1;
+                if last {
+                    sizes.push(0);
+                }
+            }
+            sizes.pop();
+            sizes
+        };
+        assert_eq!(frame_sizes(&mut s, Duration::ZERO), [6]);
+        s.key_wanted = true;
+        assert_eq!(s.capture(t0 + Duration::from_millis(34)), 1);
+        let mut n = 0;
+        while s.next_packet(t0 + Duration::from_millis(34)).is_some() {
+            n += 1;
+        }
+        assert_eq!(n, KEYFRAME_PACKETS, "the next frame is a keyframe");
+        // Asked again at once: not before 500 ms after the last one.
+        s.key_wanted = true;
+        assert_eq!(frame_sizes(&mut s, Duration::from_millis(400)), vec![6; 11]);
+        // The first frame 500 ms after the last asked-for keyframe (at 33.3 ms) is at 566.7.
+        assert_eq!(
+            frame_sizes(&mut s, Duration::from_millis(600)),
+            [6, 6, 6, 6, KEYFRAME_PACKETS, 6]
+        );
+        assert!(!s.key_wanted);
     }
 }
