@@ -160,9 +160,9 @@ pub struct Storm {
     pub records: Vec<JoinRecord>,
     /// Join requests that failed before reaching the media loop (API or SDP errors).
     pub request_failures: usize,
-    /// Raw joins not yet turned into a keyframe request (an SFU asks its publisher for a
+    /// A raw join not yet turned into a keyframe request (an SFU asks its publisher for a
     /// keyframe when a subscriber joins; the relay cannot, so the generator does).
-    raw_joins: usize,
+    raw_joined: bool,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -212,7 +212,7 @@ impl Storm {
             next_check: Instant::now(),
             records: Vec::new(),
             request_failures: 0,
-            raw_joins: 0,
+            raw_joined: false,
             stop,
             thread: Some(thread),
         })
@@ -228,13 +228,13 @@ impl Storm {
         self.live.len()
     }
 
-    /// Takes in new joiners (every call, so join times are not rounded up to a tick) and
-    /// makes due ones leave (every 10 ms).
     /// Whether raw subscribers joined since the last call (they want a keyframe).
     pub fn take_raw_joins(&mut self) -> bool {
-        std::mem::take(&mut self.raw_joins) > 0
+        std::mem::take(&mut self.raw_joined)
     }
 
+    /// Takes in new joiners (every call, so join times are not rounded up to a tick) and
+    /// makes due ones leave (every 10 ms).
     pub fn service(&mut self, now: Instant, peers: &mut Vec<Driver>, poll: &Poll) {
         while let Ok(j) = self.joined.try_recv() {
             let mut j = match j {
@@ -257,9 +257,7 @@ impl Storm {
                 self.request_failures += 1;
                 continue;
             }
-            if matches!(j.driver, Driver::Raw(_)) {
-                self.raw_joins += 1;
-            }
+            self.raw_joined |= matches!(j.driver, Driver::Raw(_));
             peers.push(j.driver);
             self.live.push_back(Live {
                 slot,

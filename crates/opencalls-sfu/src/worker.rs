@@ -430,22 +430,14 @@ impl Worker {
         // A binding request names its session by ufrag. It wins over the address map: a
         // client address can come back as a new PeerConnection of another session (a port
         // the OS or a NAT hands out again) while the old session still holds the address.
-        let by_ufrag = || {
-            stun::looks_like_stun(data)
-                .then(|| stun::binding_request_ufrag(data))
-                .flatten()
-                .and_then(|ufrag| self.by_ufrag.get(ufrag).copied())
-        };
-        let key = match self.by_addr.get(&source) {
-            Some(k) => by_ufrag().unwrap_or(*k),
-            None => match by_ufrag() {
-                Some(k) => k,
-                None => {
-                    tracing::trace!(%source, len = data.len(), "dropped: unknown source");
-                    incr(&self.stats.dropped_unknown);
-                    return;
-                }
-            },
+        let by_ufrag = stun::looks_like_stun(data)
+            .then(|| stun::binding_request_ufrag(data))
+            .flatten()
+            .and_then(|ufrag| self.by_ufrag.get(ufrag).copied());
+        let Some(key) = by_ufrag.or_else(|| self.by_addr.get(&source).copied()) else {
+            tracing::trace!(%source, len = data.len(), "dropped: unknown source");
+            incr(&self.stats.dropped_unknown);
+            return;
         };
         let now = Instant::now();
         let Some(session) = self.sessions.get_mut(&key) else {
