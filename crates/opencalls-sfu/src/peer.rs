@@ -6,7 +6,9 @@
 //! call into it here means an upgrade touches this file only.
 //!
 //! Invariant: after every mutation the caller drains [`Peer::poll`] until it returns
-//! [`PeerOutput::Timeout`] (str0m's single-mutation invariant).
+//! [`PeerOutput::Timeout`] (str0m's single-mutation invariant). One exception:
+//! [`Peer::write_rtp`] only queues the packet, so the caller may instead run
+//! [`Peer::handle_timeout`] (soon) and drain after that.
 
 mod dtls;
 
@@ -404,6 +406,11 @@ impl Peer {
 
     /// Sends one RTP packet on sending m-line `mid`. Returns false when the m-line has no
     /// send stream (not negotiated yet, or stopped).
+    ///
+    /// The packet waits in str0m's send queue: its pacer releases it at the next
+    /// [`Peer::handle_timeout`], and nothing becomes pollable before that. So the caller
+    /// need not drain between this write and that timeout (a poll there would only walk
+    /// str0m's state to name the deadline "now" again); it must run the timeout soon.
     #[allow(clippy::too_many_arguments)] // one RTP packet's fields; a struct would only be unpacked again
     pub fn write_rtp(
         &mut self,

@@ -693,7 +693,9 @@ impl Worker {
             );
             if written {
                 incr(&self.stats.forwarded_rtp);
-                self.drain(key);
+                // The packet waits in str0m's send queue until the session's next timeout
+                // (see `Peer::write_rtp`): no drain now, the session is due this turn.
+                self.timers.schedule(key, &mut s.timer, now);
             }
         }
         if let Some(slot) = self.subscribers.get_mut(&track) {
