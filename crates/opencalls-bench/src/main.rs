@@ -6,8 +6,9 @@
 //! The run re-executes itself inside a network namespace it creates (root needed), where
 //! all media uses 10.213.0.1. The generator pins itself to core 0 and the server under test to core 1. Each step builds
 //! its topology from scratch (fresh server), warms up, then measures a window: RTP packets
-//! the subscribers received per second (`out_pps`), the server core's busy share from
-//! /proc/stat (softirq included), loss from sequence gaps, added latency from the
+//! the subscribers received per second (`out_pps`), the server core's busy share (wall time
+//! minus the kernel's tickless idle time: softirq and steal included, see `sys`), loss from
+//! sequence gaps, added latency from the
 //! publisher's abs-capture-time, and the server's RSS. A step whose generator core was
 //! saturated is reported `valid: false`.
 

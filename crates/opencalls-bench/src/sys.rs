@@ -3,34 +3,55 @@
 
 use std::process::Command;
 
-/// Cumulative jiffies of one CPU: (busy incl. irq/softirq/steal, total).
-pub fn cpu_jiffies(cpu: usize) -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let name = format!("cpu{cpu} ");
-    for line in stat.lines() {
-        if let Some(rest) = line.strip_prefix(&name) {
-            let v: Vec<u64> = rest
-                .split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect();
-            // user nice system idle iowait irq softirq steal
-            if v.len() >= 8 {
-                let idle = v[3] + v[4];
-                let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7];
-                return (busy, busy + idle);
-            }
-        }
-    }
-    (0, 0)
+/// USER_HZ: the unit of `/proc/stat` (fixed at 100 by the kernel's ABI on every architecture
+/// this runs on).
+const USER_HZ: f64 = 100.0;
+
+/// One CPU's idle time and the wall clock, read together.
+///
+/// Busy time is what the CPU was not idle: wall time minus idle. The kernel's per-CPU busy
+/// fields (user, system, softirq…) are sampled at the scheduler tick (4 ms here), and a
+/// server that works in short bursts at a fixed period (a fan-out every 20 ms for audio)
+/// can fall between ticks every time, or on them: at light load those fields were off by
+/// up to ten times either way. Idle time is not sampled: with a tickless idle kernel
+/// (`NO_HZ_IDLE`, the default on Debian and here) it is measured from the idle entry and exit
+/// timestamps. Steal time (the hypervisor ran something else) counts as busy, as before.
+#[derive(Debug, Clone, Copy)]
+pub struct CpuSample {
+    /// idle + iowait, in USER_HZ ticks.
+    idle: u64,
+    at: std::time::Instant,
 }
 
-/// Busy fraction of a CPU between two samples.
-pub fn busy_between(a: (u64, u64), b: (u64, u64)) -> f64 {
-    let total = b.1.saturating_sub(a.1);
-    if total == 0 {
+/// Samples CPU `cpu`.
+pub fn cpu_sample(cpu: usize) -> CpuSample {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    CpuSample {
+        idle: idle_ticks(&stat, cpu).unwrap_or(0),
+        at: std::time::Instant::now(),
+    }
+}
+
+/// idle + iowait of `cpu` in `/proc/stat` text.
+fn idle_ticks(stat: &str, cpu: usize) -> Option<u64> {
+    let name = format!("cpu{cpu} ");
+    let rest = stat.lines().find_map(|l| l.strip_prefix(&name))?;
+    // user nice system idle iowait irq softirq steal …
+    let v: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    (v.len() >= 8).then(|| v[3] + v[4])
+}
+
+/// Busy fraction of a CPU between two samples (0 to 1).
+pub fn busy_between(a: CpuSample, b: CpuSample) -> f64 {
+    let wall = b.at.saturating_duration_since(a.at).as_secs_f64();
+    if wall <= 0.0 {
         return 0.0;
     }
-    b.0.saturating_sub(a.0) as f64 / total as f64
+    let idle = b.idle.saturating_sub(a.idle) as f64 / USER_HZ;
+    (1.0 - idle / wall).clamp(0.0, 1.0)
 }
 
 /// Resident set size of a process in MB.
@@ -58,4 +79,40 @@ pub fn cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    const STAT: &str = "cpu  1479502 11394 347725 1844628 17499 0 79108 30810 0 0\n\
+        cpu0 626320 5685 151801 1080229 4076 0 9390 19807 0 0\n\
+        cpu1 853182 5709 195923 764398 13423 0 69718 11003 0 0\n\
+        intr 1 2 3\n";
+
+    #[test]
+    fn idle_is_idle_plus_iowait_of_the_named_cpu() {
+        assert_eq!(idle_ticks(STAT, 0), Some(1_080_229 + 4_076));
+        assert_eq!(idle_ticks(STAT, 1), Some(764_398 + 13_423));
+        assert_eq!(idle_ticks(STAT, 2), None);
+        assert_eq!(idle_ticks("cpu1 1 2 x 4 5 6 7 8\n", 1), None);
+        assert_eq!(idle_ticks("cpu1 1 2 3\n", 1), None);
+    }
+
+    #[test]
+    fn busy_is_wall_time_not_spent_idle() {
+        let t = Instant::now();
+        let at = |ms: u64, idle: u64| CpuSample {
+            idle,
+            at: t + Duration::from_millis(ms),
+        };
+        // 5 s of wall time, 4 s (400 ticks) of them idle: 20 % busy.
+        assert!((busy_between(at(0, 1000), at(5000, 1400)) - 0.2).abs() < 1e-9);
+        // Fully idle, fully busy, and idle rounding past the wall time clamps.
+        assert_eq!(busy_between(at(0, 0), at(1000, 100)), 0.0);
+        assert_eq!(busy_between(at(0, 0), at(1000, 0)), 1.0);
+        assert_eq!(busy_between(at(0, 0), at(1000, 101)), 0.0);
+        assert_eq!(busy_between(at(0, 0), at(0, 0)), 0.0);
+    }
 }

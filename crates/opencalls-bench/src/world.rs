@@ -723,13 +723,13 @@ impl Media {
     ) -> anyhow::Result<StepResult> {
         self.run(warm, None);
         let mut meter = Meter::default();
-        let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let (s0, g0) = (sys::cpu_sample(1), sys::cpu_sample(0));
         let t0 = Instant::now();
         let forced0 = self.forced_keyframes;
         self.run(window, Some(&mut meter));
         let secs = t0.elapsed().as_secs_f64();
         let forced = (self.forced_keyframes - forced0) as f64 / secs;
-        let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let (s1, g1) = (sys::cpu_sample(1), sys::cpu_sample(0));
         let mut joins: Vec<f64> = self
             .peers
             .iter()
@@ -990,7 +990,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         "tracks": mids.iter().enumerate().map(|(k, m)| json!({"location": "local", "mid": m.to_string(), "trackName": format!("t{k}")})).collect::<Vec<_>>()});
     let phase = |with_push: bool| -> anyhow::Result<(f64, f64, f64, Vec<f64>)> {
         let mut lat = Vec::with_capacity(step.n);
-        let (s0, g0) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let (s0, g0) = (sys::cpu_sample(1), sys::cpu_sample(0));
         let t0 = Instant::now();
         for _ in 0..step.n {
             let t = Instant::now();
@@ -1008,7 +1008,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
             lat.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         let rate = step.n as f64 / t0.elapsed().as_secs_f64();
-        let (s1, g1) = (sys::cpu_jiffies(1), sys::cpu_jiffies(0));
+        let (s1, g1) = (sys::cpu_sample(1), sys::cpu_sample(0));
         Ok((
             rate,
             sys::busy_between(s0, s1),
