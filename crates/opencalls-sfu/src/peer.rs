@@ -11,6 +11,7 @@
 //! [`Peer::handle_timeout`] (soon) and drain after that.
 
 mod dtls;
+mod srtp;
 
 pub use dtls::crypto_provider;
 
@@ -214,6 +215,22 @@ pub struct Peer {
     was_connected: bool,
     /// Payload type → codec, learned lazily per peer.
     codecs: HashMap<u8, Option<CodecSpec>>,
+    /// The SRTP keying material our DTLS endpoint exports (filled once, after DTLS).
+    keys: dtls::KeySlot,
+    /// Our sending SRTP context for packets str0m never sees; built at first use after
+    /// DTLS (`Some(None)`: the profile stays with str0m).
+    sealer: Option<Option<srtp::Sealer>>,
+}
+
+/// How a packet on one of our sending m-lines can leave without str0m (see
+/// [`Peer::egress_stream`]).
+#[derive(Debug, Clone)]
+pub struct EgressStream {
+    ssrc: u32,
+    /// Negotiated one-byte extension id for abs-capture-time.
+    abs_capture_time: Option<u8>,
+    /// Negotiated MID extension id and our mid (receivers bind the SSRC with it).
+    mid: Option<(u8, Mid)>,
 }
 
 impl std::fmt::Debug for Peer {
@@ -235,21 +252,24 @@ impl Peer {
     /// Builds a peer. Tens of microseconds (the DTLS config is built once per process, see
     /// [`dtls`]); still done off the media threads.
     pub fn new(config: &PeerConfig, now: Instant) -> Result<Peer, PeerError> {
-        let mut rtc = RtcConfig::new()
-            .set_ice_lite(true)
-            .set_rtp_mode(true)
-            .set_crypto_provider(dtls::crypto_provider())
-            .set_dtls_cert(config.certificate.0.clone())
-            .enable_pcmu(true, false)
-            .enable_pcma(true, false)
-            .set_stats_interval(None)
-            // The send ring buffer doubles as the RTX cache. str0m's default (1000 video
-            // packets, ~5 s at 1.5 Mbit/s) is far more history than a NACK ever asks for;
-            // 400 (~2 s, several keyframes) keeps per-subscriber memory down.
-            .set_send_buffer_video(VIDEO_SEND_BUFFER)
-            // Capture time travels end to end: receivers (and our benchmark) measure latency.
-            .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
-            .build(now);
+        let keys = dtls::KeySlot::default();
+        let mut rtc = dtls::with_key_slot(&keys, || {
+            RtcConfig::new()
+                .set_ice_lite(true)
+                .set_rtp_mode(true)
+                .set_crypto_provider(dtls::crypto_provider())
+                .set_dtls_cert(config.certificate.0.clone())
+                .enable_pcmu(true, false)
+                .enable_pcma(true, false)
+                .set_stats_interval(None)
+                // The send ring buffer doubles as the RTX cache. str0m's default (1000 video
+                // packets, ~5 s at 1.5 Mbit/s) is far more history than a NACK ever asks for;
+                // 400 (~2 s, several keyframes) keeps per-subscriber memory down.
+                .set_send_buffer_video(VIDEO_SEND_BUFFER)
+                // Capture time travels end to end: receivers (and our benchmark) measure latency.
+                .set_extension(ABS_CAPTURE_TIME_ID, Extension::AbsoluteCaptureTime)
+                .build(now)
+        });
         for addr in &config.candidates {
             let c =
                 Candidate::host(*addr, "udp").map_err(|e| PeerError::Internal(e.to_string()))?;
@@ -263,6 +283,8 @@ impl Peer {
             ice_connected: false,
             was_connected: false,
             codecs: HashMap::new(),
+            keys,
+            sealer: None,
         })
     }
 
@@ -436,6 +458,77 @@ impl Peer {
         true
     }
 
+    /// Whether packets of payload type `pt` on sending m-line `mid` can leave without str0m,
+    /// and how. Only where nothing would ever be retransmitted (the payload type has no
+    /// NACK: audio as browsers negotiate it) and once DTLS exported AES-GCM keys (other
+    /// profiles stay with str0m). The caller still writes a packet through str0m now and
+    /// then ([`Peer::write_rtp`]): str0m's sender reports take their RTP time from its last
+    /// write, and receivers need them for A/V sync.
+    pub fn egress_stream(&mut self, mid: Mid, pt: u8) -> Option<EgressStream> {
+        if self.sealer.is_none() {
+            let exported = self.keys.get()?;
+            let provider = str0m::crypto::from_feature_flags();
+            let sealer = srtp::Sealer::new(exported, provider.srtp_provider);
+            tracing::debug!(
+                ufrag = %self.ufrag,
+                profile = ?exported.profile,
+                egress = sealer.is_some(),
+                "SRTP keys exported"
+            );
+            self.sealer = Some(sealer);
+        }
+        self.sealer.as_ref()?.as_ref()?;
+        let nack = self
+            .rtc
+            .codec_config()
+            .find(|p| *p.pt() == pt)
+            .map(|p| p.fb_nack())?;
+        if nack {
+            return None;
+        }
+        let media = self.rtc.media(mid)?;
+        if media.disabled() || !media.direction().is_sending() {
+            return None;
+        }
+        let exts = media.remote_extmap();
+        // One-byte header extensions carry ids 1 to 14 only.
+        let one_byte = |id: Option<u8>| id.filter(|id| (1..=14).contains(id));
+        let abs_capture_time = one_byte(exts.id_of(Extension::AbsoluteCaptureTime));
+        let mid_id = one_byte(exts.id_of(Extension::RtpMid));
+        let ssrc = *self.rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
+        Some(EgressStream {
+            ssrc,
+            abs_capture_time,
+            mid: mid_id.map(|id| (id, mid)),
+        })
+    }
+
+    /// One SRTP packet for `stream`, sealed with our sending keys, for the caller to send
+    /// to the peer's address. `seq` is the extended sequence number: the SRTP index, so the
+    /// caller must never hand the same one to str0m as well.
+    #[allow(clippy::too_many_arguments)] // one RTP packet's fields, as in write_rtp
+    pub fn seal_rtp(
+        &mut self,
+        stream: &EgressStream,
+        pt: u8,
+        seq: u64,
+        rtp_time: u32,
+        marker: bool,
+        ext: &ExtensionValues,
+        payload: &[u8],
+    ) -> Option<Vec<u8>> {
+        let sealer = self.sealer.as_mut()?.as_mut()?;
+        let mut packet = Vec::with_capacity(12 + 28 + payload.len() + srtp::TAG);
+        packet.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
+        packet.extend_from_slice(&(seq as u16).to_be_bytes());
+        packet.extend_from_slice(&rtp_time.to_be_bytes());
+        packet.extend_from_slice(&stream.ssrc.to_be_bytes());
+        write_extensions(&mut packet, stream, ext);
+        sealer
+            .seal(&mut packet, stream.ssrc, seq, payload)
+            .then_some(packet)
+    }
+
     /// Asks the remote for a keyframe on receiving m-line `mid`.
     pub fn request_keyframe(&mut self, mid: Mid, rid: Option<Rid>, fir: bool) {
         let kind = if fir {
@@ -529,4 +622,46 @@ impl Peer {
             payload: p.payload,
         })
     }
+}
+
+/// Appends the one-byte-header extension block (RFC 8285) for `stream`'s negotiated
+/// extensions, and sets the header's X bit, if any applies.
+fn write_extensions(packet: &mut Vec<u8>, stream: &EgressStream, ext: &ExtensionValues) {
+    let start = packet.len();
+    packet.extend_from_slice(&[0xBE, 0xDE, 0, 0]);
+    if let Some((id, mid)) = &stream.mid {
+        let mid = mid.as_bytes();
+        if (1..=16).contains(&mid.len()) {
+            packet.push((id << 4) | (mid.len() as u8 - 1));
+            packet.extend_from_slice(mid);
+        }
+    }
+    if let (Some(id), Some(act)) = (stream.abs_capture_time, &ext.abs_capture_time) {
+        let since = act
+            .capture_time
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let frac = (u64::from(since.subsec_nanos()) << 32) / 1_000_000_000;
+        let ntp = ((since.as_secs() + 2_208_988_800) << 32) | frac;
+        match act.clock_offset {
+            Some(offset) => {
+                packet.push((id << 4) | 15);
+                packet.extend_from_slice(&ntp.to_be_bytes());
+                packet.extend_from_slice(&offset.to_be_bytes());
+            }
+            None => {
+                packet.push((id << 4) | 7);
+                packet.extend_from_slice(&ntp.to_be_bytes());
+            }
+        }
+    }
+    let body = packet.len() - start - 4;
+    if body == 0 {
+        packet.truncate(start);
+        return;
+    }
+    packet.resize(start + 4 + body.div_ceil(4) * 4, 0);
+    let words = (body.div_ceil(4)) as u16;
+    packet[start + 2..start + 4].copy_from_slice(&words.to_be_bytes());
+    packet[0] |= 0x10;
 }

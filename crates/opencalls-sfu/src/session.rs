@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 
 use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
 use crate::forward::{KeyframePacer, SeqRewriter};
-use crate::peer::{CodecSpec, Kind, Mid, Peer, Rid};
+use crate::peer::{CodecSpec, EgressStream, Kind, Mid, Peer, Rid};
 use crate::timers::{HasTimer, SessionTimer};
 
 /// A track this session publishes (Calls `location: local`).
@@ -40,6 +40,11 @@ pub(crate) struct Subscription {
     pub kind: Kind,
     /// Publisher codec → our payload type, cached.
     pub pt: Option<(CodecSpec, u8)>,
+    /// Whether (and how) packets may leave without str0m, decided per payload type once
+    /// the session is connected (see `Peer::egress_stream`).
+    pub egress: Option<(u8, Option<EgressStream>)>,
+    /// Packets sent without str0m since the last one written through it.
+    pub egress_run: u32,
 }
 
 impl Subscription {
@@ -61,6 +66,8 @@ impl Subscription {
             preferred: preferred.as_deref().map(Rid::from),
             kind: item.kind,
             pt: None,
+            egress: None,
+            egress_run: 0,
         }
     }
 }
@@ -74,6 +81,7 @@ impl Subscription {
         self.track_name = item.track_name;
         self.layer = None;
         self.pt = None;
+        self.egress = None;
         self.rewriter.switch_source();
     }
 
@@ -121,6 +129,9 @@ pub(crate) struct Session {
     pub addrs: Vec<SocketAddr>,
     /// Its place in the worker's timers.
     pub timer: SessionTimer,
+    /// Where str0m last sent media-plane datagrams (DTLS, SRTP, SRTCP): our socket and the
+    /// client's nominated address. Packets that leave without str0m go there too.
+    pub send_path: Option<(usize, SocketAddr)>,
 }
 
 impl Session {
@@ -136,6 +147,7 @@ impl Session {
             disconnected_since: None,
             addrs: Vec::new(),
             timer: SessionTimer::default(),
+            send_path: None,
         }
     }
 

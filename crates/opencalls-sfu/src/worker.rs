@@ -95,6 +95,8 @@ pub struct WorkerStats {
     pub dropped_send: AtomicU64,
     /// RTP packets forwarded to subscribers.
     pub forwarded_rtp: AtomicU64,
+    /// Of those, packets sealed and sent without str0m (audio egress path).
+    pub egress_rtp: AtomicU64,
     /// Sessions closed because of a panic.
     pub crashed_sessions: AtomicU64,
     /// Sessions currently on the worker.
@@ -326,6 +328,10 @@ fn flush_outbox(outbox: &mut Outbox, fds: &[std::os::fd::RawFd], stats: &WorkerS
     stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
 }
 
+/// On the egress path, one packet in this many still goes through str0m (once a second
+/// for 20 ms audio), so its sender reports keep a current RTP time.
+const EGRESS_STR0M_EVERY: u32 = 50;
+
 fn incr(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -493,6 +499,10 @@ impl Worker {
                         .iter()
                         .position(|(_, adv)| *adv == source)
                         .unwrap_or(0);
+                    if !stun::looks_like_stun(&contents) {
+                        // DTLS, SRTP and SRTCP go to the nominated pair only.
+                        session.send_path = Some((sock, destination));
+                    }
                     self.outbox.push(sock, destination, contents);
                     if self.outbox.is_full() {
                         // `session` is borrowed: flush through the fields, not `self.flush()`.
@@ -681,6 +691,34 @@ impl Worker {
             let Some((seq, ts)) = sub.rewriter.rewrite(packet.seq, packet.rtp_time) else {
                 continue;
             };
+            if s.peer.was_connected() && !matches!(sub.egress, Some((p, _)) if p == pt) {
+                sub.egress = Some((pt, s.peer.egress_stream(mid, pt)));
+            }
+            // Without str0m, except one packet in EGRESS_STR0M_EVERY (and the first): str0m's
+            // sender reports take their RTP time from its last write.
+            if let (Some((_, Some(stream))), Some((sock, to))) = (&sub.egress, s.send_path) {
+                if sub.egress_run > 0 && sub.egress_run < EGRESS_STR0M_EVERY {
+                    if let Some(datagram) = s.peer.seal_rtp(
+                        stream,
+                        pt,
+                        seq,
+                        ts,
+                        packet.marker,
+                        &packet.ext,
+                        &packet.payload,
+                    ) {
+                        sub.egress_run += 1;
+                        incr(&self.stats.forwarded_rtp);
+                        incr(&self.stats.egress_rtp);
+                        self.outbox.push(sock, to, datagram);
+                        if self.outbox.is_full() {
+                            flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+                        }
+                        continue;
+                    }
+                }
+                sub.egress_run = 1;
+            }
             let written = s.peer.write_rtp(
                 mid,
                 pt,

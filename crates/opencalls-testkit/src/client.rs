@@ -41,6 +41,9 @@ pub struct ClientPeer {
     pub keyframe_requests: Vec<Mid>,
     /// Mids the server added in its offers.
     pub added: Vec<(Mid, MediaKind)>,
+    /// Sender reports received: the mid, the report's RTP time, its packet count, and how
+    /// many RTP packets had arrived (`received.len()`) when it came.
+    pub sender_reports: Vec<SenderReportSeen>,
     sending: Vec<Mid>,
     /// Indexes (0-based, counting RTP datagrams only) of received RTP datagrams to drop:
     /// simulated loss on the SFU → client hop.
@@ -50,6 +53,19 @@ pub struct ClientPeer {
     rtp_in: u64,
     rtp_out: u64,
     buf: Vec<u8>,
+}
+
+/// A sender report as a test client saw it.
+#[derive(Debug, Clone)]
+pub struct SenderReportSeen {
+    /// The m-line it reports on.
+    pub mid: Mid,
+    /// The RTP time it maps to its NTP time.
+    pub rtp_time: u32,
+    /// Packets the sender says it sent.
+    pub packet_count: u32,
+    /// RTP packets this client had received when the report arrived.
+    pub received_before: usize,
 }
 
 /// RTP, not RTCP, STUN or DTLS (RFC 7983, RFC 5761).
@@ -87,6 +103,7 @@ impl ClientPeer {
             pending: None,
             connected: false,
             received: Vec::new(),
+            sender_reports: Vec::new(),
             keyframe_requests: Vec::new(),
             added: Vec::new(),
             sending: Vec::new(),
@@ -245,6 +262,12 @@ impl ClientPeer {
             Event::Connected => self.connected = true,
             Event::MediaAdded(m) => self.added.push((m.mid, m.kind)),
             Event::KeyframeRequest(k) => self.keyframe_requests.push(k.mid),
+            Event::SenderFeedback(f) => self.sender_reports.push(SenderReportSeen {
+                mid: f.mid,
+                rtp_time: f.sender_info.rtp_time.numer() as u32,
+                packet_count: f.sender_info.sender_packet_count,
+                received_before: self.received.len(),
+            }),
             Event::RtpPacket(p) => {
                 let ssrc = p.header.ssrc;
                 let mid = self.rtc.direct_api().stream_rx(&ssrc).map(|s| s.mid());

@@ -9,4 +9,4 @@ pub mod api;
 mod client;
 
 pub use api::{Api, Response};
-pub use client::{pump, ClientPeer, Received};
+pub use client::{pump, ClientPeer, Received, SenderReportSeen};

@@ -82,7 +82,7 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let counters: [(&str, &str, StatFn); 10] = [
+    let counters: [(&str, &str, StatFn); 11] = [
         (
             "opencalls_commands_total",
             "Control commands a media worker handled",
@@ -123,6 +123,11 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             "opencalls_forwarded_rtp_total",
             "RTP packets written to subscribers",
             |s| s.forwarded_rtp.load(Relaxed),
+        ),
+        (
+            "opencalls_egress_rtp_total",
+            "Of the RTP packets written to subscribers, those sealed and sent without str0m",
+            |s| s.egress_rtp.load(Relaxed),
         ),
         (
             "opencalls_crashed_sessions_total",

@@ -74,6 +74,8 @@ fn push_pull_forwards(workers: usize) {
     assert!(got.iter().all(|r| r.pt == vp8));
     // Nothing of the audio track reaches B: it did not pull it.
     assert_eq!(b.received.len(), got.len());
+    // Video is NACK-able: every packet went through str0m (its resend buffer has them).
+    assert_eq!(egress_rtp(&ts), 0, "no video packet bypassed str0m");
 
     // PLI from the subscriber reaches the publisher (after the pacing interval).
     std::thread::sleep(Duration::from_millis(600));
@@ -129,7 +131,89 @@ fn audio_fans_out_to_many_subscribers() {
             got.len()
         );
         assert!(got.iter().all(|r| sent.contains(&r.payload.to_vec())));
+        // In order and continuously numbered across both ways out (str0m's and ours).
+        for w in got.windows(2) {
+            assert_eq!(w[1].seq, w[0].seq + 1, "continuous sequence numbers");
+            assert_eq!(w[1].rtp_time.wrapping_sub(w[0].rtp_time), 3000);
+        }
     }
+    // Audio has no NACK: after each subscriber's first packet (through str0m, as one in
+    // every 50 is), the rest were sealed and sent beside str0m, and decrypted fine above.
+    let egress = egress_rtp(&ts);
+    assert!(egress >= 3 * 30, "audio egress path used: {egress} packets");
+}
+
+#[test]
+fn audio_beside_str0m_keeps_sender_reports_in_step_with_the_packets() {
+    // Real-time audio (20 ms, 960 ticks at 48 kHz) for longer than str0m's 5 s audio report
+    // interval: most packets leave beside str0m, one in 50 through it, and the sender
+    // reports (which receivers use for A/V sync) must still map the RTP time of the packets
+    // the subscriber is getting.
+    let ts = TestServer::start(1);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Audio], "mic");
+    let s = api.new_session();
+    let mut b = ClientPeer::new();
+    let mid = pull(api, &s, &mut b, &[(&a.session, &a.names[0])])[0];
+    assert!(pump(
+        &mut [&mut a.peer, &mut b],
+        Duration::from_secs(5),
+        |p| p.iter().all(|c| c.connected)
+    ));
+    let pt = a.peer.pt(Codec::Opus);
+    let start = std::time::Instant::now();
+    for i in 0..400u64 {
+        assert!(a
+            .peer
+            .send_rtp(a.mids[0], pt, 100 + i, (i * 960) as u32, b"opus"));
+        let due = start + Duration::from_millis(20 * (i + 1));
+        pump(
+            &mut [&mut a.peer, &mut b],
+            due.saturating_duration_since(std::time::Instant::now()),
+            |_| false,
+        );
+        if b.sender_reports
+            .iter()
+            .any(|r| r.mid == mid && r.received_before > 0)
+            && i > 300
+        {
+            break;
+        }
+    }
+    let got = b.received_on(mid);
+    assert!(got.len() >= 250, "received {}", got.len());
+    let sr = b
+        .sender_reports
+        .iter()
+        .rev()
+        .find(|r| r.mid == mid && r.received_before > 0)
+        .expect("a sender report for the audio m-line arrived while media flowed");
+    // The packet that arrived just before the report: its RTP time and the report's agree
+    // to within a few packets (the report extrapolates from str0m's last write by the wall
+    // clock; up to 49 packets, ~1 s, can have left beside str0m since).
+    let last = b.received[sr.received_before - 1].rtp_time;
+    let gap = sr.rtp_time.wrapping_sub(last) as i32;
+    assert!(
+        gap.abs() < 960 * 5,
+        "report RTP time {} vs last packet {last}: {gap} ticks apart",
+        sr.rtp_time
+    );
+    assert!(sr.packet_count > 0, "str0m counted its own writes");
+    assert!(egress_rtp(&ts) > 200, "most packets left beside str0m");
+}
+
+/// Packets the media workers sent without str0m.
+fn egress_rtp(ts: &TestServer) -> u64 {
+    ts.server()
+        .control()
+        .workers()
+        .iter()
+        .map(|w| {
+            w.stats()
+                .egress_rtp
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
 }
 
 #[test]

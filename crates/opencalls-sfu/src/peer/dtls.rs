@@ -7,8 +7,11 @@
 //! the config, and hand every new DTLS endpoint a clone of the `Arc`. Certificates, SRTP and
 //! hashing stay with str0m's default provider.
 
+use std::cell::RefCell;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
+
+use super::srtp::Exported;
 
 use str0m::crypto::dtls::{
     DtlsCert, DtlsImplError, DtlsInstance, DtlsOutput, DtlsProvider, DtlsVersion, ProtocolVersion,
@@ -29,6 +32,25 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
             Arc::new(provider)
         })
         .clone()
+}
+
+/// Where a DTLS endpoint puts the SRTP keying material it exports (set once, after the
+/// handshake).
+pub(crate) type KeySlot = Arc<OnceLock<Exported>>;
+
+thread_local! {
+    /// The slot the next endpoint built on this thread fills: `Peer::new` sets it around
+    /// `RtcConfig::build`, which builds the endpoint synchronously. Peers built without it
+    /// (our str0m clients) export nothing.
+    static NEXT_SLOT: RefCell<Option<KeySlot>> = const { RefCell::new(None) };
+}
+
+/// Runs `build` with `slot` handed to the DTLS endpoint it creates.
+pub(crate) fn with_key_slot<T>(slot: &KeySlot, build: impl FnOnce() -> T) -> T {
+    NEXT_SLOT.with(|s| *s.borrow_mut() = Some(slot.clone()));
+    let out = build();
+    NEXT_SLOT.with(|s| s.borrow_mut().take());
+    out
 }
 
 /// Builds DTLS endpoints from configs built (and validated) once per MTU.
@@ -93,12 +115,13 @@ impl DtlsProvider for SharedConfigDtls {
                 )))
             }
         };
-        Ok(Box::new(Endpoint(dtls)))
+        let slot = NEXT_SLOT.with(|s| s.borrow_mut().take());
+        Ok(Box::new(Endpoint(dtls, slot)))
     }
 }
 
-/// One DTLS endpoint; forwards to dimpl.
-struct Endpoint(dimpl::Dtls);
+/// One DTLS endpoint; forwards to dimpl, and copies the SRTP keying material into its slot.
+struct Endpoint(dimpl::Dtls, Option<KeySlot>);
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -116,7 +139,15 @@ impl DtlsInstance for Endpoint {
     }
 
     fn poll_output<'a>(&mut self, buf: &'a mut [u8]) -> DtlsOutput<'a> {
-        self.0.poll_output(buf)
+        let out = self.0.poll_output(buf);
+        if let (DtlsOutput::KeyingMaterial(material, profile), Some(slot)) = (&out, &self.1) {
+            let _ = slot.set(Exported {
+                material: material.to_vec(),
+                profile: *profile,
+                active: self.0.is_active(),
+            });
+        }
+        out
     }
 
     fn handle_timeout(&mut self, now: Instant) -> Result<(), DtlsImplError> {

@@ -1,0 +1,251 @@
+//! Our own SRTP sender for the AEAD-AES-GCM profiles (RFC 7714), beside str0m's.
+//!
+//! Used by the audio egress path (see `Peer::audio_egress`): packets str0m never sees are
+//! protected here with the same session keys str0m derives for its own sending context.
+//! Sharing the keys is safe because the SRTP index of an RTP packet is its extended
+//! sequence number, the forwarder chooses every one, and each is protected by exactly one of
+//! the two senders: no (key, IV) pair ever seals two different packets.
+//!
+//! Keys come from the DTLS-SRTP exporter (RFC 5764 §4.2): the keying material is
+//! `client key | server key | client salt | server salt`; the DTLS client (active side)
+//! sends with the client half. Session keys follow RFC 3711 §4.3.1's AES-CM key derivation
+//! (RFC 7714 §11 uses it unchanged, with the 96-bit salt zero-padded to 112 bits).
+
+use str0m::crypto::{AeadAes128GcmCipher, AeadAes256GcmCipher, SrtpProvider};
+
+/// What the DTLS handshake exported for SRTP.
+#[derive(Clone)]
+pub(crate) struct Exported {
+    /// The exporter's bytes.
+    pub material: Vec<u8>,
+    /// The negotiated protection profile.
+    pub profile: dimpl::SrtpProfile,
+    /// Whether we were the DTLS client.
+    pub active: bool,
+}
+
+impl std::fmt::Debug for Exported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("Exported")
+            .field("profile", &self.profile)
+            .field("active", &self.active)
+            .finish()
+    }
+}
+
+const GCM_SALT: usize = 12;
+/// The GCM authentication tag appended to every packet.
+pub(crate) const TAG: usize = 16;
+
+enum Cipher {
+    Aes128(Box<dyn AeadAes128GcmCipher>),
+    Aes256(Box<dyn AeadAes256GcmCipher>),
+}
+
+/// Seals RTP packets for one session's sending direction.
+pub(crate) struct Sealer {
+    cipher: Cipher,
+    salt: [u8; GCM_SALT],
+}
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer")
+    }
+}
+
+/// RFC 3711 §4.3 labels.
+const LABEL_RTP_ENCRYPTION: u8 = 0x00;
+const LABEL_RTP_SALT: u8 = 0x02;
+
+impl Sealer {
+    /// Our sending keys, or `None` for a profile this path does not implement (AES-CM with
+    /// HMAC-SHA1 stays with str0m) or material of the wrong length.
+    pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<Sealer> {
+        let key_len = match exported.profile {
+            dimpl::SrtpProfile::AEAD_AES_128_GCM => 16,
+            dimpl::SrtpProfile::AEAD_AES_256_GCM => 32,
+            _ => return None,
+        };
+        let m = &exported.material;
+        if m.len() != 2 * (key_len + GCM_SALT) {
+            return None;
+        }
+        // Client half when we are the DTLS client, server half otherwise.
+        let (k, s) = if exported.active {
+            (0, 2 * key_len)
+        } else {
+            (key_len, 2 * key_len + GCM_SALT)
+        };
+        let master = &m[k..k + key_len];
+        let mut master_salt = [0u8; GCM_SALT];
+        master_salt.copy_from_slice(&m[s..s + GCM_SALT]);
+        let mut salt = [0u8; GCM_SALT];
+        derive(provider, master, &master_salt, LABEL_RTP_SALT, &mut salt);
+        let cipher = if key_len == 16 {
+            let mut key = [0u8; 16];
+            derive(
+                provider,
+                master,
+                &master_salt,
+                LABEL_RTP_ENCRYPTION,
+                &mut key,
+            );
+            Cipher::Aes128(provider.aead_aes_128_gcm().create_cipher(key, true))
+        } else {
+            let mut key = [0u8; 32];
+            derive(
+                provider,
+                master,
+                &master_salt,
+                LABEL_RTP_ENCRYPTION,
+                &mut key,
+            );
+            Cipher::Aes256(provider.aead_aes_256_gcm().create_cipher(key, true))
+        };
+        Some(Sealer { cipher, salt })
+    }
+
+    /// Appends `payload` sealed to `packet`, which holds the RTP header (the associated
+    /// data), and the tag after it. `index` is the packet's extended sequence number.
+    pub fn seal(&mut self, packet: &mut Vec<u8>, ssrc: u32, index: u64, payload: &[u8]) -> bool {
+        // RFC 7714 §8.1: IV = salt XOR (00 00 || SSRC || ROC || SEQ).
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+        iv[6..10].copy_from_slice(&((index >> 16) as u32).to_be_bytes());
+        iv[10..12].copy_from_slice(&(index as u16).to_be_bytes());
+        for (b, s) in iv.iter_mut().zip(self.salt) {
+            *b ^= s;
+        }
+        let header = packet.len();
+        packet.resize(header + payload.len() + TAG, 0);
+        let (aad, body) = packet.split_at_mut(header);
+        let sealed = match &mut self.cipher {
+            Cipher::Aes128(c) => c.encrypt(&iv, aad, payload, body),
+            Cipher::Aes256(c) => c.encrypt(&iv, aad, payload, body),
+        };
+        if sealed.is_err() {
+            packet.truncate(header);
+            return false;
+        }
+        true
+    }
+}
+
+/// RFC 3711 §4.3.1 with a key derivation rate of 0: the AES-CM keystream under the master
+/// key, starting at IV = (master salt XOR label at bit 48) · 2^16, is the session key.
+fn derive(
+    provider: &dyn SrtpProvider,
+    master: &[u8],
+    master_salt: &[u8],
+    label: u8,
+    out: &mut [u8],
+) {
+    let mut block = [0u8; 16];
+    block[..master_salt.len()].copy_from_slice(master_salt);
+    block[7] ^= label;
+    let mut keystream = [0u8; 32];
+    for (counter, chunk) in out.chunks_mut(16).enumerate() {
+        block[14..].copy_from_slice(&(counter as u16).to_be_bytes());
+        if master.len() == 16 {
+            provider.srtp_aes_128_ecb_round(master, &block, &mut keystream);
+        } else {
+            provider.srtp_aes_256_ecb_round(master, &block, &mut keystream);
+        }
+        chunk.copy_from_slice(&keystream[..chunk.len()]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+
+    fn provider() -> &'static dyn SrtpProvider {
+        str0m::crypto::from_feature_flags().srtp_provider
+    }
+
+    #[test]
+    fn key_derivation_matches_rfc_3711_appendix_b3() {
+        // RFC 3711 B.3: AES-128 master key and 112-bit salt.
+        let master = hex("E1F97A0D3E018BE0D64FA32C06DE4139");
+        let salt = hex("0EC675AD498AFEEBB6960B3AABE6");
+        let mut key = [0u8; 16];
+        derive(provider(), &master, &salt, LABEL_RTP_ENCRYPTION, &mut key);
+        assert_eq!(key.to_vec(), hex("C61E7A93744F39EE10734AFE3FF7A087"));
+        let mut session_salt = [0u8; 14];
+        derive(
+            provider(),
+            &master,
+            &salt,
+            LABEL_RTP_SALT,
+            &mut session_salt,
+        );
+        assert_eq!(session_salt.to_vec(), hex("30CBBC08863D8C85D49DB34A9AE1"));
+    }
+
+    #[test]
+    fn key_derivation_matches_rfc_6188_aes_256() {
+        // RFC 6188 §7.2: AES-256 master key, 112-bit salt.
+        let master = hex("f0f04914b513f2763a1b1fa130f10e29 98f6f6e43e4309d1e622a0e332b9f1b6");
+        let salt = hex("3b04803de51ee7c96423ab5b78d2");
+        let mut key = [0u8; 32];
+        derive(provider(), &master, &salt, LABEL_RTP_ENCRYPTION, &mut key);
+        assert_eq!(
+            key.to_vec(),
+            hex("5ba1064e30ec51613cad926c5a28ef73 1ec7fb397f70a960653caf06554cd8c4")
+        );
+        let mut session_salt = [0u8; 14];
+        derive(
+            provider(),
+            &master,
+            &salt,
+            LABEL_RTP_SALT,
+            &mut session_salt,
+        );
+        assert_eq!(session_salt.to_vec(), hex("fa31791685ca444a9e07c6c64e93"));
+    }
+
+    #[test]
+    fn only_gcm_profiles_with_whole_material_get_a_sealer() {
+        let exported = |profile, len| Exported {
+            material: vec![1; len],
+            profile,
+            active: false,
+        };
+        use dimpl::SrtpProfile::*;
+        assert!(Sealer::new(&exported(AEAD_AES_128_GCM, 56), provider()).is_some());
+        assert!(Sealer::new(&exported(AEAD_AES_256_GCM, 88), provider()).is_some());
+        assert!(Sealer::new(&exported(AEAD_AES_256_GCM, 56), provider()).is_none());
+        assert!(Sealer::new(&exported(AES128_CM_SHA1_80, 60), provider()).is_none());
+    }
+
+    #[test]
+    fn a_sealed_packet_is_header_then_payload_plus_tag_and_differs_by_index() {
+        let exported = Exported {
+            material: (0..88).collect(),
+            profile: dimpl::SrtpProfile::AEAD_AES_256_GCM,
+            active: true,
+        };
+        let mut sealer = Sealer::new(&exported, provider()).expect("sealer");
+        let header = [0x80u8, 111, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9];
+        let payload = [0x55u8; 40];
+        let mut a = header.to_vec();
+        assert!(sealer.seal(&mut a, 9, 1, &payload));
+        let mut b = header.to_vec();
+        assert!(sealer.seal(&mut b, 9, 1 + (1 << 16), &payload));
+        assert_eq!(a.len(), 12 + 40 + TAG);
+        assert_eq!(&a[..12], &header);
+        assert_ne!(&a[12..52], &payload[..]);
+        // Same sequence number, next roll-over: another IV, another ciphertext.
+        assert_ne!(a[12..], b[12..]);
+    }
+}
