@@ -247,6 +247,28 @@ fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
     Some(v[((v.len() - 1) as f64 * p).round() as usize])
 }
 
+/// Joins Janus as a subscriber to `feed`. Janus lists a feed only once its side of the
+/// publisher's PeerConnection is up ("webrtcup"), which can come a little after our
+/// publisher saw DTLS connect: "No such feed" (428) is retried for up to 5 s while media
+/// runs, anything else fails at once.
+fn subscribe_when_live(
+    client: &crate::janus::JanusClient,
+    media: &mut Media,
+    room: u64,
+    feed: u64,
+) -> anyhow::Result<(u64, String)> {
+    let end = Instant::now() + Duration::from_secs(5);
+    loop {
+        match client.subscribe(room, feed) {
+            Ok(r) => return Ok(r),
+            Err(e) if e.to_string().contains("428") && Instant::now() < end => {
+                media.run(Duration::from_millis(50), None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Runs one step of a scenario against a target, from a fresh server.
 pub fn run_step(
     target: Target,
@@ -1078,7 +1100,7 @@ impl JanusWorld {
             wanted.dedup();
             for pi in wanted {
                 let mut p = BenchPeer::new(media.peers.len(), true, media_ip())?;
-                let (handle, offer) = client.subscribe(room, feeds[pi])?;
+                let (handle, offer) = subscribe_when_live(&client, &mut media, room, feeds[pi])?;
                 let answer = p.accept_offer(&offer)?;
                 client.start_subscriber(handle, &answer)?;
                 media.add(p)?;
