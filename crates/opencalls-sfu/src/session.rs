@@ -132,6 +132,9 @@ pub(crate) struct Session {
     /// Where str0m last sent media-plane datagrams (DTLS, SRTP, SRTCP): our socket and the
     /// client's nominated address. Packets that leave without str0m go there too.
     pub send_path: Option<(usize, SocketAddr)>,
+    /// Packets sealed beside str0m in this input batch, sent together (back to back, so
+    /// equal-sized ones leave as one GSO send) when the batch is done.
+    pub egress_out: Vec<Vec<u8>>,
 }
 
 impl Session {
@@ -148,6 +151,7 @@ impl Session {
             addrs: Vec::new(),
             timer: SessionTimer::default(),
             send_path: None,
+            egress_out: Vec::new(),
         }
     }
 

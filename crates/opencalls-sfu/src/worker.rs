@@ -217,6 +217,7 @@ impl MediaPlane {
                         subscribers: FxHashMap::default(),
                         timers: Timers::new(Instant::now()),
                         firing: Vec::new(),
+                        egress_due: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         fds: Vec::new(),
@@ -310,6 +311,8 @@ struct Worker {
     timers: Timers,
     /// Sessions whose timers run this turn (kept for its allocation).
     firing: Vec<SessionKey>,
+    /// Sessions holding packets sealed beside str0m, to send at the next flush.
+    egress_due: Vec<SessionKey>,
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
@@ -327,6 +330,10 @@ fn flush_outbox(outbox: &mut Outbox, fds: &[std::os::fd::RawFd], stats: &WorkerS
     stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
     stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
 }
+
+/// Input batches (of up to `batch::BATCH` datagrams) a worker reads from one socket per loop
+/// turn before it runs commands and timers.
+const READ_BATCHES_PER_TURN: usize = 8;
 
 /// On the egress path, one packet in this many still goes through str0m (once a second
 /// for 20 ms audio), so its sender reports keep a current RTP time.
@@ -370,21 +377,28 @@ impl Worker {
         let mut inbox = Inbox::new();
         self.fds = self.sockets.iter().map(|(s, _)| s.as_raw_fd()).collect();
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        let mut unread = false;
         while self.running {
             let now = Instant::now();
             let mut deadline = next_housekeeping;
             if let Some(t) = self.timers.next_wake() {
                 deadline = deadline.min(t);
             }
-            let wait = deadline.saturating_duration_since(now);
+            // A socket left unread last turn has data now: look, don't wait.
+            let wait = if unread {
+                Duration::ZERO
+            } else {
+                deadline.saturating_duration_since(now)
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!(worker = self.index, "poll failed: {e}");
                     break;
                 }
             }
+            unread = false;
             for i in 0..self.sockets.len() {
-                self.read_socket(i, &mut inbox);
+                unread |= !self.read_socket(i, &mut inbox);
             }
             while let Ok(msg) = self.inbox.try_recv() {
                 self.handle_msg(msg);
@@ -404,11 +418,15 @@ impl Worker {
         }
     }
 
-    /// Reads the socket dry, a batch at a time, flushing replies after each batch.
-    fn read_socket(&mut self, i: usize, inbox: &mut Inbox) {
-        loop {
+    /// Reads the socket a batch at a time, flushing replies after each batch, until it is
+    /// dry (returns true) or `READ_BATCHES_PER_TURN` batches were read (false: the caller
+    /// comes back without waiting). The bound keeps an overloaded worker turning: commands,
+    /// str0m timers (which release most forwarded packets) and housekeeping run every turn
+    /// however fast datagrams arrive.
+    fn read_socket(&mut self, i: usize, inbox: &mut Inbox) -> bool {
+        for _ in 0..READ_BATCHES_PER_TURN {
             let n = match inbox.read(&self.sockets[i].0) {
-                Ok(0) => return,
+                Ok(0) => return true,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // ICMP errors surface here on Linux; they concern one peer only.
@@ -425,11 +443,32 @@ impl Worker {
             }
             self.flush();
         }
+        false
     }
 
     /// Sends every queued datagram.
     fn flush(&mut self) {
+        self.release_egress();
         flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+    }
+
+    /// Queues the packets sealed beside str0m, one session after another.
+    fn release_egress(&mut self) {
+        for key in self.egress_due.drain(..) {
+            let Some(s) = self.sessions.get_mut(&key) else {
+                continue;
+            };
+            let Some((sock, to)) = s.send_path else {
+                s.egress_out.clear();
+                continue;
+            };
+            for d in s.egress_out.drain(..) {
+                self.outbox.push(sock, to, d);
+                if self.outbox.is_full() {
+                    flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+                }
+            }
+        }
     }
 
     fn handle_datagram(&mut self, source: SocketAddr, destination: SocketAddr, data: &[u8]) {
@@ -696,7 +735,7 @@ impl Worker {
             }
             // Without str0m, except one packet in EGRESS_STR0M_EVERY (and the first): str0m's
             // sender reports take their RTP time from its last write.
-            if let (Some((_, Some(stream))), Some((sock, to))) = (&sub.egress, s.send_path) {
+            if let (Some((_, Some(stream))), Some(_)) = (&sub.egress, s.send_path) {
                 if sub.egress_run > 0 && sub.egress_run < EGRESS_STR0M_EVERY {
                     if let Some(datagram) = s.peer.seal_rtp(
                         stream,
@@ -710,10 +749,10 @@ impl Worker {
                         sub.egress_run += 1;
                         incr(&self.stats.forwarded_rtp);
                         incr(&self.stats.egress_rtp);
-                        self.outbox.push(sock, to, datagram);
-                        if self.outbox.is_full() {
-                            flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+                        if s.egress_out.is_empty() {
+                            self.egress_due.push(key);
                         }
+                        s.egress_out.push(datagram);
                         continue;
                     }
                 }
