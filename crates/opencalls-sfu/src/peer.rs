@@ -467,8 +467,7 @@ impl Peer {
     pub fn egress_stream(&mut self, mid: Mid, pt: u8) -> Option<EgressStream> {
         if self.sealer.is_none() {
             let exported = self.keys.get()?;
-            let provider = str0m::crypto::from_feature_flags();
-            let sealer = srtp::Sealer::new(exported, provider.srtp_provider);
+            let sealer = srtp::Sealer::new(exported, dtls::crypto_provider().srtp_provider);
             tracing::debug!(
                 ufrag = %self.ufrag,
                 profile = ?exported.profile,

@@ -152,14 +152,8 @@ fn audio_beside_str0m_keeps_sender_reports_in_step_with_the_packets() {
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Audio], "mic");
-    let s = api.new_session();
-    let mut b = ClientPeer::new();
-    let mid = pull(api, &s, &mut b, &[(&a.session, &a.names[0])])[0];
-    assert!(pump(
-        &mut [&mut a.peer, &mut b],
-        Duration::from_secs(5),
-        |p| p.iter().all(|c| c.connected)
-    ));
+    let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0]);
+    let mid = mids[0];
     let pt = a.peer.pt(Codec::Opus);
     let start = std::time::Instant::now();
     for i in 0..400u64 {

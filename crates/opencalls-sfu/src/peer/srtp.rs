@@ -173,45 +173,44 @@ mod tests {
         str0m::crypto::from_feature_flags().srtp_provider
     }
 
-    #[test]
-    fn key_derivation_matches_rfc_3711_appendix_b3() {
-        // RFC 3711 B.3: AES-128 master key and 112-bit salt.
-        let master = hex("E1F97A0D3E018BE0D64FA32C06DE4139");
-        let salt = hex("0EC675AD498AFEEBB6960B3AABE6");
-        let mut key = [0u8; 16];
-        derive(provider(), &master, &salt, LABEL_RTP_ENCRYPTION, &mut key);
-        assert_eq!(key.to_vec(), hex("C61E7A93744F39EE10734AFE3FF7A087"));
-        let mut session_salt = [0u8; 14];
+    /// Derives the RTP encryption key and salt from a master key and salt (hex) and checks
+    /// them against a published test vector.
+    fn check_derivation(master: &str, salt: &str, key: &str, session_salt: &str) {
+        let (master, salt) = (hex(master), hex(salt));
+        let mut got_key = vec![0u8; master.len()];
         derive(
             provider(),
             &master,
             &salt,
-            LABEL_RTP_SALT,
-            &mut session_salt,
+            LABEL_RTP_ENCRYPTION,
+            &mut got_key,
         );
-        assert_eq!(session_salt.to_vec(), hex("30CBBC08863D8C85D49DB34A9AE1"));
+        assert_eq!(got_key, hex(key), "session key");
+        let mut got_salt = [0u8; 14];
+        derive(provider(), &master, &salt, LABEL_RTP_SALT, &mut got_salt);
+        assert_eq!(got_salt.to_vec(), hex(session_salt), "session salt");
+    }
+
+    #[test]
+    fn key_derivation_matches_rfc_3711_appendix_b3() {
+        // RFC 3711 B.3: AES-128 master key and 112-bit salt.
+        check_derivation(
+            "E1F97A0D3E018BE0D64FA32C06DE4139",
+            "0EC675AD498AFEEBB6960B3AABE6",
+            "C61E7A93744F39EE10734AFE3FF7A087",
+            "30CBBC08863D8C85D49DB34A9AE1",
+        );
     }
 
     #[test]
     fn key_derivation_matches_rfc_6188_aes_256() {
         // RFC 6188 §7.2: AES-256 master key, 112-bit salt.
-        let master = hex("f0f04914b513f2763a1b1fa130f10e29 98f6f6e43e4309d1e622a0e332b9f1b6");
-        let salt = hex("3b04803de51ee7c96423ab5b78d2");
-        let mut key = [0u8; 32];
-        derive(provider(), &master, &salt, LABEL_RTP_ENCRYPTION, &mut key);
-        assert_eq!(
-            key.to_vec(),
-            hex("5ba1064e30ec51613cad926c5a28ef73 1ec7fb397f70a960653caf06554cd8c4")
+        check_derivation(
+            "f0f04914b513f2763a1b1fa130f10e29 98f6f6e43e4309d1e622a0e332b9f1b6",
+            "3b04803de51ee7c96423ab5b78d2",
+            "5ba1064e30ec51613cad926c5a28ef73 1ec7fb397f70a960653caf06554cd8c4",
+            "fa31791685ca444a9e07c6c64e93",
         );
-        let mut session_salt = [0u8; 14];
-        derive(
-            provider(),
-            &master,
-            &salt,
-            LABEL_RTP_SALT,
-            &mut session_salt,
-        );
-        assert_eq!(session_salt.to_vec(), hex("fa31791685ca444a9e07c6c64e93"));
     }
 
     #[test]
