@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the headless-Chromium e2e tests need, idempotently:
 #   - Debian's chromium (apt; `apt-get update` only when it is missing),
+#   - nftables (the netns-*.test.mjs files drop packets with it, inside a namespace),
 #   - node + npm if absent (Debian 12's nodejs works; node 20 is what we use),
 #   - the pinned npm packages from package-lock.json (playwright-core, partytracks,
 #     esbuild), re-installed only when the lockfile changed.
@@ -24,6 +25,11 @@ if [ ! -x /usr/bin/chromium ]; then
   # Recommended packages stay in: they bring the fonts chromium renders with.
   if [ "$apt_updated" = 0 ]; then $SUDO apt-get update; apt_updated=1; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
+fi
+
+if ! command -v nft >/dev/null 2>&1; then
+  echo "setup: installing nftables" >&2
+  apt_install nftables
 fi
 
 # A node of our own (see below) is used when present.

@@ -1,10 +1,13 @@
-//! Per-subscription rewriting and per-publication keyframe pacing.
+//! Per-subscription rewriting and send history, per-publication keyframe pacing.
 //!
 //! A subscriber must see one continuous RTP stream per m-line whatever happens upstream
 //! (publisher restarts, track re-pointed, SSRC change), so every subscription rewrites
-//! sequence numbers and timestamps. Keyframe requests from many subscribers are folded
-//! into at most one per publication per [`KEYFRAME_INTERVAL`].
+//! sequence numbers and timestamps. Where the worker answers a subscriber's NACKs itself
+//! (video on the egress path), the subscription keeps what it sent in a [`History`].
+//! Keyframe requests from many subscribers are folded into at most one per publication
+//! per [`KEYFRAME_INTERVAL`].
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Smallest spacing between two keyframe requests sent to one publisher.
@@ -136,6 +139,75 @@ impl KeyframePacer {
     }
 }
 
+/// Packets kept for retransmission per subscription: about 4 s of 1.5 Mbit/s video, more
+/// than any NACK asks for (a NACK older than a round trip or two is useless).
+const HISTORY_LEN: usize = 512;
+
+/// How often one packet may be sent again: a receiver re-asks when a retransmission is
+/// lost too; past this its requests are not loss but abuse (each answer costs us a packet).
+const MAX_RESENDS: u8 = 3;
+
+/// One packet as it left for a subscriber (outgoing numbering).
+#[derive(Debug, Clone)]
+pub(crate) struct Sent {
+    pub seq: u64,
+    pub rtp_time: u32,
+    pub marker: bool,
+    pub pt: u8,
+    pub payload: Arc<[u8]>,
+    resends: u8,
+}
+
+impl Sent {
+    pub fn new(seq: u64, rtp_time: u32, marker: bool, pt: u8, payload: Arc<[u8]>) -> Sent {
+        Sent {
+            seq,
+            rtp_time,
+            marker,
+            pt,
+            payload,
+            resends: 0,
+        }
+    }
+}
+
+/// The last [`HISTORY_LEN`] packets sent to one subscriber, by outgoing sequence number.
+/// Payloads are shared with the publication's other subscribers (reference counted).
+#[derive(Debug, Default)]
+pub(crate) struct History {
+    slots: Vec<Option<Sent>>,
+    latest: u64,
+}
+
+impl History {
+    /// Remembers a packet just sent.
+    pub fn push(&mut self, sent: Sent) {
+        if self.slots.is_empty() {
+            self.slots.resize(HISTORY_LEN, None);
+        }
+        self.latest = self.latest.max(sent.seq);
+        let slot = (sent.seq % HISTORY_LEN as u64) as usize;
+        self.slots[slot] = Some(sent);
+    }
+
+    /// The packet a NACK names by its 16-bit sequence number, if still held and not sent
+    /// again too often already; counts the resend.
+    pub fn resend(&mut self, seq: u16) -> Option<&Sent> {
+        // The extended number closest below or at the newest one sent.
+        let mut ext = (self.latest & !0xffff) | u64::from(seq);
+        if ext > self.latest {
+            ext = ext.checked_sub(1 << 16)?;
+        }
+        let slot = (ext % HISTORY_LEN as u64) as usize;
+        let sent = self.slots.get_mut(slot)?.as_mut()?;
+        if sent.seq != ext || sent.resends >= MAX_RESENDS {
+            return None;
+        }
+        sent.resends += 1;
+        Some(sent)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,5 +264,45 @@ mod tests {
         assert!(p.poll_deferred(t0 + Duration::from_millis(500)));
         assert!(!p.has_deferred());
         assert!(!p.poll_deferred(t0 + Duration::from_millis(2000)));
+    }
+
+    fn sent(seq: u64) -> Sent {
+        Sent::new(
+            seq,
+            seq as u32 * 3000,
+            false,
+            96,
+            Arc::from(vec![seq as u8; 4]),
+        )
+    }
+
+    #[test]
+    fn history_finds_recent_packets_by_their_16_bit_number_across_a_wrap() {
+        let mut h = History::default();
+        assert!(h.resend(5).is_none());
+        for seq in 65_500..65_600u64 {
+            h.push(sent(seq));
+        }
+        // 65,599 went out as 16-bit 63; 65,530 as itself.
+        assert_eq!(h.resend(63).map(|s| s.seq), Some(65_599));
+        assert_eq!(h.resend(65_530).map(|s| s.seq), Some(65_530));
+        // Older than the history holds, or never sent.
+        assert!(h.resend(65_000).is_none());
+        assert!(h.resend(200).is_none());
+        // Far past: overwritten slots do not answer for their old number.
+        for seq in 65_600..(65_600 + HISTORY_LEN as u64) {
+            h.push(sent(seq));
+        }
+        assert!(h.resend(63).is_none());
+    }
+
+    #[test]
+    fn one_packet_is_resent_at_most_max_resends_times() {
+        let mut h = History::default();
+        h.push(sent(10));
+        for _ in 0..MAX_RESENDS {
+            assert!(h.resend(10).is_some());
+        }
+        assert!(h.resend(10).is_none());
     }
 }

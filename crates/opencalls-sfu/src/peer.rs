@@ -11,6 +11,7 @@
 //! [`Peer::handle_timeout`] (soon) and drain after that.
 
 mod dtls;
+mod feedback;
 mod srtp;
 
 pub use dtls::crypto_provider;
@@ -217,20 +218,69 @@ pub struct Peer {
     codecs: HashMap<u8, Option<CodecSpec>>,
     /// The SRTP keying material our DTLS endpoint exports (filled once, after DTLS).
     keys: dtls::KeySlot,
-    /// Our sending SRTP context for packets str0m never sees; built at first use after
-    /// DTLS (`Some(None)`: the profile stays with str0m).
-    sealer: Option<Option<srtp::Sealer>>,
+    /// Our sending SRTP context for packets str0m never sees, and our look at the
+    /// remote's SRTCP for the feedback on them; built at first use after DTLS (`Some(None)`:
+    /// the profile stays with str0m).
+    sealer: Option<Option<(srtp::Sealer, srtp::Opener)>>,
+    /// Who sends retransmissions on each sending m-line's RTX SSRC. Decided once per
+    /// m-line and never changed: two senders numbering one SSRC would seal two packets
+    /// under one SRTP index.
+    rtx: Vec<(Mid, RtxSender)>,
+    /// Scratch for opened SRTCP.
+    rtcp: Vec<u8>,
+}
+
+/// The sender of one m-line's retransmissions.
+#[derive(Debug, Clone, Copy)]
+enum RtxSender {
+    /// str0m, from its own send buffer (packets written NACK-able).
+    Str0m,
+    /// We, from the worker's history; str0m gets every packet not NACK-able.
+    Us {
+        ssrc: u32,
+        rtx_ssrc: u32,
+        /// Next RTX sequence number (SRTP index) to use.
+        next: u64,
+    },
 }
 
 /// How a packet on one of our sending m-lines can leave without str0m (see
 /// [`Peer::egress_stream`]).
 #[derive(Debug, Clone)]
 pub struct EgressStream {
+    mid: Mid,
     ssrc: u32,
+    pt: u8,
     /// Negotiated one-byte extension id for abs-capture-time.
     abs_capture_time: Option<u8>,
-    /// Negotiated MID extension id and our mid (receivers bind the SSRC with it).
-    mid: Option<(u8, Mid)>,
+    /// Negotiated MID extension id (receivers bind the SSRC with it).
+    mid_ext: Option<u8>,
+    /// The RTX payload type, where the payload type is NACK-able: the caller then keeps
+    /// what it sends in a history and answers NACKs ([`Peer::read_nacks`],
+    /// [`Peer::seal_rtx`]).
+    rtx_pt: Option<u8>,
+}
+
+/// A packet sent earlier, as [`Peer::seal_rtx`] needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct RtpRef<'a> {
+    /// Payload type it had.
+    pub pt: u8,
+    /// Its extended sequence number.
+    pub seq: u64,
+    /// Its RTP time.
+    pub rtp_time: u32,
+    /// Its marker bit.
+    pub marker: bool,
+    /// Its payload.
+    pub payload: &'a [u8],
+}
+
+impl EgressStream {
+    /// Whether NACKs for this stream are ours to answer.
+    pub fn resends(&self) -> bool {
+        self.rtx_pt.is_some()
+    }
 }
 
 impl std::fmt::Debug for Peer {
@@ -285,6 +335,8 @@ impl Peer {
             codecs: HashMap::new(),
             keys,
             sealer: None,
+            rtx: Vec::new(),
+            rtcp: Vec::new(),
         })
     }
 
@@ -445,6 +497,17 @@ impl Peer {
         payload: Arc<[u8]>,
         now: Instant,
     ) -> bool {
+        // Before DTLS nobody can own the RTX SSRC yet: nothing written then is NACK-able.
+        // After it, str0m answers NACKs unless we took the m-line (see `egress_stream`).
+        let nackable = self.was_connected
+            && match self.rtx_sender(mid) {
+                Some(RtxSender::Us { .. }) => false,
+                Some(RtxSender::Str0m) => true,
+                None => {
+                    self.rtx.push((mid, RtxSender::Str0m));
+                    true
+                }
+            };
         let mut api = self.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return false;
@@ -453,21 +516,29 @@ impl Peer {
             RtpWrite::new(pt.into(), seq.into(), rtp_time, now, payload)
                 .marker(marker)
                 .ext_vals(ext)
-                .nackable(true),
+                .nackable(nackable),
         );
         true
     }
 
+    fn rtx_sender(&self, mid: Mid) -> Option<RtxSender> {
+        self.rtx.iter().find(|(m, _)| *m == mid).map(|(_, r)| *r)
+    }
+
     /// Whether packets of payload type `pt` on sending m-line `mid` can leave without str0m,
-    /// and how. Only where nothing would ever be retransmitted (the payload type has no
-    /// NACK: audio as browsers negotiate it) and once DTLS exported AES-GCM keys (other
-    /// profiles stay with str0m). The caller still writes a packet through str0m now and
-    /// then ([`Peer::write_rtp`]): str0m's sender reports take their RTP time from its last
-    /// write, and receivers need them for A/V sync.
+    /// and how. Once DTLS exported AES-GCM keys (other profiles stay with str0m). Where the
+    /// payload type is NACK-able (video), only with RTX negotiated and while str0m never
+    /// sent a NACK-able packet on the m-line: the m-line's retransmissions become ours for
+    /// good ([`EgressStream::resends`]), also for the packets still written through str0m.
+    /// The caller still writes a packet through str0m now and then ([`Peer::write_rtp`]):
+    /// str0m's sender reports take their RTP time from its last write, and receivers need
+    /// them for A/V sync.
     pub fn egress_stream(&mut self, mid: Mid, pt: u8) -> Option<EgressStream> {
         if self.sealer.is_none() {
             let exported = self.keys.get()?;
-            let sealer = srtp::Sealer::new(exported, dtls::crypto_provider().srtp_provider);
+            let provider = dtls::crypto_provider().srtp_provider;
+            let sealer =
+                srtp::Sealer::new(exported, provider).zip(srtp::Opener::new(exported, provider));
             tracing::debug!(
                 ufrag = %self.ufrag,
                 profile = ?exported.profile,
@@ -477,14 +548,11 @@ impl Peer {
             self.sealer = Some(sealer);
         }
         self.sealer.as_ref()?.as_ref()?;
-        let nack = self
+        let (nack, rtx_pt) = self
             .rtc
             .codec_config()
             .find(|p| *p.pt() == pt)
-            .map(|p| p.fb_nack())?;
-        if nack {
-            return None;
-        }
+            .map(|p| (p.fb_nack(), p.resend().map(|r| *r)))?;
         let media = self.rtc.media(mid)?;
         if media.disabled() || !media.direction().is_sending() {
             return None;
@@ -493,13 +561,102 @@ impl Peer {
         // One-byte header extensions carry ids 1 to 14 only.
         let one_byte = |id: Option<u8>| id.filter(|id| (1..=14).contains(id));
         let abs_capture_time = one_byte(exts.id_of(Extension::AbsoluteCaptureTime));
-        let mid_id = one_byte(exts.id_of(Extension::RtpMid));
-        let ssrc = *self.rtc.direct_api().stream_tx_by_mid(mid, None)?.ssrc();
+        let mid_ext = one_byte(exts.id_of(Extension::RtpMid));
+        let mut api = self.rtc.direct_api();
+        let tx = api.stream_tx_by_mid(mid, None)?;
+        let (ssrc, rtx_ssrc) = (*tx.ssrc(), tx.rtx().map(|r| *r));
+        let rtx_pt = if nack {
+            let (rtx_pt, rtx_ssrc) = rtx_pt.zip(rtx_ssrc)?;
+            match self.rtx_sender(mid) {
+                Some(RtxSender::Str0m) => return None,
+                Some(RtxSender::Us { .. }) => {}
+                None => self.rtx.push((
+                    mid,
+                    RtxSender::Us {
+                        ssrc,
+                        rtx_ssrc,
+                        // RFC 3550 §5.1: a random start. Below 2^15, as the rewriter's.
+                        next: u64::from(rand::random_range(1000u16..30000)),
+                    },
+                )),
+            }
+            Some(rtx_pt)
+        } else {
+            None
+        };
         Some(EgressStream {
+            mid,
             ssrc,
+            pt,
             abs_capture_time,
-            mid: mid_id.map(|id| (id, mid)),
+            mid_ext,
+            rtx_pt,
         })
+    }
+
+    /// The sequence numbers the generic NACKs in `datagram` ask for on m-lines whose
+    /// retransmissions are ours (see [`Peer::egress_stream`]), as `(mid, seq)`. Opens a
+    /// copy of SRTCP with the remote's keys; str0m still gets the datagram as usual.
+    pub fn read_nacks(&mut self, datagram: &[u8], out: &mut Vec<(Mid, u16)>) {
+        out.clear();
+        let ours = |r: &(Mid, RtxSender)| matches!(r.1, RtxSender::Us { .. });
+        if !feedback::is_rtcp(datagram) || !self.rtx.iter().any(ours) {
+            return;
+        }
+        let Some(Some((_, opener))) = &mut self.sealer else {
+            return;
+        };
+        if !opener.open(datagram, &mut self.rtcp) {
+            return;
+        }
+        let rtx = &self.rtx;
+        feedback::for_each_nack(&self.rtcp, |media_ssrc, seq| {
+            let mid = rtx.iter().find_map(|(mid, r)| match r {
+                RtxSender::Us { ssrc, .. } if *ssrc == media_ssrc => Some(*mid),
+                _ => None,
+            });
+            if let Some(mid) = mid {
+                out.push((mid, seq));
+            }
+        });
+    }
+
+    /// An RTX packet (RFC 4588) carrying a packet sent earlier on `stream` (its payload
+    /// type, sequence number, RTP time, marker and payload), sealed for the caller to send.
+    /// `None` unless the m-line's retransmissions are ours and the packet had the stream's
+    /// payload type.
+    pub fn seal_rtx(&mut self, stream: &EgressStream, sent: RtpRef<'_>) -> Option<Vec<u8>> {
+        let rtx_pt = stream.rtx_pt.filter(|_| sent.pt == stream.pt)?;
+        let (rtx_ssrc, next) = self.rtx.iter_mut().find_map(|(mid, r)| match r {
+            RtxSender::Us { rtx_ssrc, next, .. } if *mid == stream.mid => Some((*rtx_ssrc, next)),
+            _ => None,
+        })?;
+        let index = *next;
+        let (sealer, _) = self.sealer.as_mut()?.as_mut()?;
+        let mut packet = Vec::with_capacity(12 + 8 + 2 + sent.payload.len() + srtp::TAG);
+        rtp_header(
+            &mut packet,
+            sent.marker,
+            rtx_pt,
+            index,
+            sent.rtp_time,
+            rtx_ssrc,
+        );
+        // The MID extension only: the capture time belongs to the first transmission.
+        let rtx_stream = EgressStream {
+            abs_capture_time: None,
+            ..stream.clone()
+        };
+        write_extensions(&mut packet, &rtx_stream, &ExtensionValues::default());
+        let mut body = Vec::with_capacity(2 + sent.payload.len());
+        body.extend_from_slice(&(sent.seq as u16).to_be_bytes());
+        body.extend_from_slice(sent.payload);
+        if !sealer.seal(&mut packet, rtx_ssrc, index, &body) {
+            return None;
+        }
+        // Used even if the caller drops the packet now: an index is sealed once.
+        *next += 1;
+        Some(packet)
     }
 
     /// One SRTP packet for `stream`, sealed with our sending keys, for the caller to send
@@ -516,12 +673,9 @@ impl Peer {
         ext: &ExtensionValues,
         payload: &[u8],
     ) -> Option<Vec<u8>> {
-        let sealer = self.sealer.as_mut()?.as_mut()?;
+        let (sealer, _) = self.sealer.as_mut()?.as_mut()?;
         let mut packet = Vec::with_capacity(12 + 28 + payload.len() + srtp::TAG);
-        packet.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
-        packet.extend_from_slice(&(seq as u16).to_be_bytes());
-        packet.extend_from_slice(&rtp_time.to_be_bytes());
-        packet.extend_from_slice(&stream.ssrc.to_be_bytes());
+        rtp_header(&mut packet, marker, pt, seq, rtp_time, stream.ssrc);
         write_extensions(&mut packet, stream, ext);
         sealer
             .seal(&mut packet, stream.ssrc, seq, payload)
@@ -623,13 +777,21 @@ impl Peer {
     }
 }
 
+/// Appends a 12-byte RTP header (no CSRC).
+fn rtp_header(packet: &mut Vec<u8>, marker: bool, pt: u8, seq: u64, rtp_time: u32, ssrc: u32) {
+    packet.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
+    packet.extend_from_slice(&(seq as u16).to_be_bytes());
+    packet.extend_from_slice(&rtp_time.to_be_bytes());
+    packet.extend_from_slice(&ssrc.to_be_bytes());
+}
+
 /// Appends the one-byte-header extension block (RFC 8285) for `stream`'s negotiated
 /// extensions, and sets the header's X bit, if any applies.
 fn write_extensions(packet: &mut Vec<u8>, stream: &EgressStream, ext: &ExtensionValues) {
     let start = packet.len();
     packet.extend_from_slice(&[0xBE, 0xDE, 0, 0]);
-    if let Some((id, mid)) = &stream.mid {
-        let mid = mid.as_bytes();
+    if let Some(id) = stream.mid_ext {
+        let mid = stream.mid.as_bytes();
         if (1..=16).contains(&mid.len()) {
             packet.push((id << 4) | (mid.len() as u8 - 1));
             packet.extend_from_slice(mid);

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rustc_hash::FxHashMap;
 
 use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
-use crate::forward::{KeyframePacer, SeqRewriter};
+use crate::forward::{History, KeyframePacer, SeqRewriter};
 use crate::peer::{CodecSpec, EgressStream, Kind, Mid, Peer, Rid};
 use crate::timers::{HasTimer, SessionTimer};
 
@@ -45,6 +45,8 @@ pub(crate) struct Subscription {
     pub egress: Option<(u8, Option<EgressStream>)>,
     /// Packets sent without str0m since the last one written through it.
     pub egress_run: u32,
+    /// What went out, for NACKs, where they are ours to answer (`EgressStream::resends`).
+    pub history: History,
 }
 
 impl Subscription {
@@ -68,6 +70,7 @@ impl Subscription {
             pt: None,
             egress: None,
             egress_run: 0,
+            history: History::default(),
         }
     }
 }

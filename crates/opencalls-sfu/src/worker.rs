@@ -29,8 +29,10 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::batch::{Inbox, Outbox};
 use crate::command::*;
+use crate::forward::Sent;
 use crate::peer::{
     CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput, Rid,
+    RtpRef,
 };
 use crate::session::{Publication, Session, Subscription, TrackSlot};
 use crate::stun;
@@ -95,8 +97,10 @@ pub struct WorkerStats {
     pub dropped_send: AtomicU64,
     /// RTP packets forwarded to subscribers.
     pub forwarded_rtp: AtomicU64,
-    /// Of those, packets sealed and sent without str0m (audio egress path).
+    /// Of those, packets sealed and sent without str0m (egress path).
     pub egress_rtp: AtomicU64,
+    /// Retransmissions (RTX) the egress path sent in answer to NACKs.
+    pub egress_rtx: AtomicU64,
     /// Sessions closed because of a panic.
     pub crashed_sessions: AtomicU64,
     /// Sessions currently on the worker.
@@ -218,6 +222,8 @@ impl MediaPlane {
                         timers: Timers::new(Instant::now()),
                         firing: Vec::new(),
                         egress_due: Vec::new(),
+                        nacks: Vec::new(),
+                        str0m_now: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         fds: Vec::new(),
@@ -313,6 +319,10 @@ struct Worker {
     firing: Vec<SessionKey>,
     /// Sessions holding packets sealed beside str0m, to send at the next flush.
     egress_due: Vec<SessionKey>,
+    /// Scratch: the NACKs one datagram carried.
+    nacks: Vec<(Mid, u16)>,
+    /// Scratch: sessions whose packet written through str0m must leave at once (egress).
+    str0m_now: Vec<SessionKey>,
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
@@ -454,19 +464,26 @@ impl Worker {
 
     /// Queues the packets sealed beside str0m, one session after another.
     fn release_egress(&mut self) {
-        for key in self.egress_due.drain(..) {
-            let Some(s) = self.sessions.get_mut(&key) else {
-                continue;
-            };
-            let Some((sock, to)) = s.send_path else {
-                s.egress_out.clear();
-                continue;
-            };
-            for d in s.egress_out.drain(..) {
-                self.outbox.push(sock, to, d);
-                if self.outbox.is_full() {
-                    flush_outbox(&mut self.outbox, &self.fds, &self.stats);
-                }
+        let mut due = std::mem::take(&mut self.egress_due);
+        for key in due.drain(..) {
+            self.release_session_egress(key);
+        }
+        self.egress_due = due;
+    }
+
+    /// Queues one session's packets sealed beside str0m.
+    fn release_session_egress(&mut self, key: SessionKey) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        let Some((sock, to)) = s.send_path else {
+            s.egress_out.clear();
+            return;
+        };
+        for d in s.egress_out.drain(..) {
+            self.outbox.push(sock, to, d);
+            if self.outbox.is_full() {
+                flush_outbox(&mut self.outbox, &self.fds, &self.stats);
             }
         }
     }
@@ -499,7 +516,47 @@ impl Worker {
                 return;
             }
         }
+        self.answer_nacks(key, data);
         self.drain(key);
+    }
+
+    /// Retransmits what the NACKs in `data` ask for on m-lines whose retransmissions are
+    /// ours (video on the egress path; str0m answers the others from its own buffer).
+    fn answer_nacks(&mut self, key: SessionKey, data: &[u8]) {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return;
+        };
+        if s.send_path.is_none() {
+            return;
+        }
+        let mut nacks = std::mem::take(&mut self.nacks);
+        s.peer.read_nacks(data, &mut nacks);
+        for &(mid, seq) in &nacks {
+            let Some(sub) = s.subscriptions.get_mut(&mid) else {
+                continue;
+            };
+            let Some((_, Some(stream))) = &sub.egress else {
+                continue;
+            };
+            let Some(sent) = sub.history.resend(seq) else {
+                continue;
+            };
+            let packet = RtpRef {
+                pt: sent.pt,
+                seq: sent.seq,
+                rtp_time: sent.rtp_time,
+                marker: sent.marker,
+                payload: &sent.payload,
+            };
+            if let Some(datagram) = s.peer.seal_rtx(stream, packet) {
+                incr(&self.stats.egress_rtx);
+                if s.egress_out.is_empty() {
+                    self.egress_due.push(key);
+                }
+                s.egress_out.push(datagram);
+            }
+        }
+        self.nacks = nacks;
     }
 
     /// Drains one session's output: sends datagrams, queues events, re-arms its timer.
@@ -733,8 +790,15 @@ impl Worker {
             if s.peer.was_connected() && !matches!(sub.egress, Some((p, _)) if p == pt) {
                 sub.egress = Some((pt, s.peer.egress_stream(mid, pt)));
             }
+            if let Some((_, Some(stream))) = &sub.egress {
+                if stream.resends() {
+                    let sent = Sent::new(seq, ts, packet.marker, pt, packet.payload.clone());
+                    sub.history.push(sent);
+                }
+            }
             // Without str0m, except one packet in EGRESS_STR0M_EVERY (and the first): str0m's
             // sender reports take their RTP time from its last write.
+            let beside = matches!((&sub.egress, s.send_path), (Some((_, Some(_))), Some(_)));
             if let (Some((_, Some(stream))), Some(_)) = (&sub.egress, s.send_path) {
                 if sub.egress_run > 0 && sub.egress_run < EGRESS_STR0M_EVERY {
                     if let Some(datagram) = s.peer.seal_rtp(
@@ -770,9 +834,15 @@ impl Worker {
             );
             if written {
                 incr(&self.stats.forwarded_rtp);
-                // The packet waits in str0m's send queue until the session's next timeout
-                // (see `Peer::write_rtp`): no drain now, the session is due this turn.
-                self.timers.schedule(key, &mut s.timer, now);
+                if beside {
+                    // Its neighbours leave beside str0m: it must leave between them.
+                    self.str0m_now.push(key);
+                } else {
+                    // The packet waits in str0m's send queue until the session's next
+                    // timeout (see `Peer::write_rtp`): no drain now, the session is due
+                    // this turn.
+                    self.timers.schedule(key, &mut s.timer, now);
+                }
             }
         }
         if let Some(slot) = self.subscribers.get_mut(&track) {
@@ -780,6 +850,15 @@ impl Worker {
             let added = std::mem::replace(slot, subs);
             slot.extend(added);
         }
+        // A packet written through str0m on the egress path leaves now, after the packets
+        // sealed before it and before those sealed after it: out of order, a receiver
+        // would take it for lost and NACK it (video) or its jitter buffer would reorder.
+        let mut now_due = std::mem::take(&mut self.str0m_now);
+        for key in now_due.drain(..) {
+            self.release_session_egress(key);
+            self.fire(key, now);
+        }
+        self.str0m_now = now_due;
     }
 
     fn request_keyframe(&mut self, track: TrackKey, rid: Option<Rid>, source_worker: WorkerIndex) {

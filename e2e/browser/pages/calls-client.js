@@ -250,7 +250,8 @@ export class CallsSession {
       if (!tr.mid || !this.pulled.has(tr.mid) || tr.stopped) continue;
       const info = this.pulled.get(tr.mid);
       const st = { mid: tr.mid, kind: tr.receiver.track.kind, trackName: info.trackName, sessionId: info.sessionId,
-        framesDecoded: 0, packetsReceived: 0, bytesReceived: 0, frameWidth: 0, totalSamplesReceived: 0 };
+        framesDecoded: 0, packetsReceived: 0, bytesReceived: 0, frameWidth: 0, totalSamplesReceived: 0,
+        packetsLost: 0, nackCount: 0, retransmittedPacketsReceived: 0, freezeCount: 0, pliCount: 0 };
       (await tr.receiver.getStats()).forEach((s) => {
         if (s.type === 'inbound-rtp') {
           st.framesDecoded = s.framesDecoded ?? 0;
@@ -258,6 +259,11 @@ export class CallsSession {
           st.bytesReceived = s.bytesReceived ?? 0;
           st.frameWidth = s.frameWidth ?? 0;
           st.totalSamplesReceived = s.totalSamplesReceived ?? 0;
+          st.packetsLost = s.packetsLost ?? 0;
+          st.nackCount = s.nackCount ?? 0;
+          st.retransmittedPacketsReceived = s.retransmittedPacketsReceived ?? 0;
+          st.freezeCount = s.freezeCount ?? 0;
+          st.pliCount = s.pliCount ?? 0;
           st.codec = s.codecId;
         }
       });

@@ -43,26 +43,28 @@ enum Cipher {
     Aes256(Box<dyn AeadAes256GcmCipher>),
 }
 
-/// Seals RTP packets for one session's sending direction.
-pub(crate) struct Sealer {
+/// One direction's AES-GCM session key and salt for RTP or for RTCP.
+struct Aead {
     cipher: Cipher,
     salt: [u8; GCM_SALT],
-}
-
-impl std::fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Sealer")
-    }
 }
 
 /// RFC 3711 §4.3 labels.
 const LABEL_RTP_ENCRYPTION: u8 = 0x00;
 const LABEL_RTP_SALT: u8 = 0x02;
+const LABEL_RTCP_ENCRYPTION: u8 = 0x03;
+const LABEL_RTCP_SALT: u8 = 0x05;
 
-impl Sealer {
-    /// Our sending keys, or `None` for a profile this path does not implement (AES-CM with
-    /// HMAC-SHA1 stays with str0m) or material of the wrong length.
-    pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<Sealer> {
+impl Aead {
+    /// The session key and salt under one half of the exported material: ours when
+    /// `sending`, the remote's otherwise. `None` for a profile this module does not
+    /// implement (AES-CM with HMAC-SHA1 stays with str0m) or material of the wrong length.
+    fn new(
+        exported: &Exported,
+        provider: &dyn SrtpProvider,
+        sending: bool,
+        labels: (u8, u8),
+    ) -> Option<Aead> {
         let key_len = match exported.profile {
             dimpl::SrtpProfile::AEAD_AES_128_GCM => 16,
             dimpl::SrtpProfile::AEAD_AES_256_GCM => 32,
@@ -72,8 +74,8 @@ impl Sealer {
         if m.len() != 2 * (key_len + GCM_SALT) {
             return None;
         }
-        // Client half when we are the DTLS client, server half otherwise.
-        let (k, s) = if exported.active {
+        // The DTLS client sends with the client half, the server with the server half.
+        let (k, s) = if exported.active == sending {
             (0, 2 * key_len)
         } else {
             (key_len, 2 * key_len + GCM_SALT)
@@ -82,51 +84,123 @@ impl Sealer {
         let mut master_salt = [0u8; GCM_SALT];
         master_salt.copy_from_slice(&m[s..s + GCM_SALT]);
         let mut salt = [0u8; GCM_SALT];
-        derive(provider, master, &master_salt, LABEL_RTP_SALT, &mut salt);
+        derive(provider, master, &master_salt, labels.1, &mut salt);
         let cipher = if key_len == 16 {
             let mut key = [0u8; 16];
-            derive(
-                provider,
-                master,
-                &master_salt,
-                LABEL_RTP_ENCRYPTION,
-                &mut key,
-            );
-            Cipher::Aes128(provider.aead_aes_128_gcm().create_cipher(key, true))
+            derive(provider, master, &master_salt, labels.0, &mut key);
+            Cipher::Aes128(provider.aead_aes_128_gcm().create_cipher(key, sending))
         } else {
             let mut key = [0u8; 32];
-            derive(
-                provider,
-                master,
-                &master_salt,
-                LABEL_RTP_ENCRYPTION,
-                &mut key,
-            );
-            Cipher::Aes256(provider.aead_aes_256_gcm().create_cipher(key, true))
+            derive(provider, master, &master_salt, labels.0, &mut key);
+            Cipher::Aes256(provider.aead_aes_256_gcm().create_cipher(key, sending))
         };
-        Some(Sealer { cipher, salt })
+        Some(Aead { cipher, salt })
+    }
+
+    /// The salt XORed into the RFC 7714 IV layout `00 00 || SSRC || counter`.
+    fn iv(&self, ssrc: u32, counter: [u8; 6]) -> [u8; 12] {
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+        iv[6..].copy_from_slice(&counter);
+        for (b, s) in iv.iter_mut().zip(self.salt) {
+            *b ^= s;
+        }
+        iv
+    }
+}
+
+/// Seals RTP packets for one session's sending direction.
+pub(crate) struct Sealer(Aead);
+
+impl std::fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealer")
+    }
+}
+
+impl Sealer {
+    /// Our sending keys, or `None` for a profile this path does not implement.
+    pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<Sealer> {
+        let labels = (LABEL_RTP_ENCRYPTION, LABEL_RTP_SALT);
+        Aead::new(exported, provider, true, labels).map(Sealer)
     }
 
     /// Appends `payload` sealed to `packet`, which holds the RTP header (the associated
     /// data), and the tag after it. `index` is the packet's extended sequence number.
     pub fn seal(&mut self, packet: &mut Vec<u8>, ssrc: u32, index: u64, payload: &[u8]) -> bool {
         // RFC 7714 §8.1: IV = salt XOR (00 00 || SSRC || ROC || SEQ).
-        let mut iv = [0u8; 12];
-        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
-        iv[6..10].copy_from_slice(&((index >> 16) as u32).to_be_bytes());
-        iv[10..12].copy_from_slice(&(index as u16).to_be_bytes());
-        for (b, s) in iv.iter_mut().zip(self.salt) {
-            *b ^= s;
-        }
+        let mut counter = [0u8; 6];
+        counter[..4].copy_from_slice(&((index >> 16) as u32).to_be_bytes());
+        counter[4..].copy_from_slice(&(index as u16).to_be_bytes());
+        let iv = self.0.iv(ssrc, counter);
         let header = packet.len();
         packet.resize(header + payload.len() + TAG, 0);
         let (aad, body) = packet.split_at_mut(header);
-        let sealed = match &mut self.cipher {
+        let sealed = match &mut self.0.cipher {
             Cipher::Aes128(c) => c.encrypt(&iv, aad, payload, body),
             Cipher::Aes256(c) => c.encrypt(&iv, aad, payload, body),
         };
         if sealed.is_err() {
             packet.truncate(header);
+            return false;
+        }
+        true
+    }
+}
+
+/// Opens the SRTCP packets the remote sends (its half of the keys), to read the feedback
+/// that concerns packets str0m never saw. str0m opens every packet too; this is a second,
+/// independent look at a copy.
+pub(crate) struct Opener(Aead);
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Opener")
+    }
+}
+
+/// The E flag and SRTCP index trailing every SRTCP packet (no MKI).
+const SRTCP_INDEX: usize = 4;
+
+impl Opener {
+    /// The remote's SRTCP keys, or `None` for a profile this module does not implement.
+    pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<Opener> {
+        let labels = (LABEL_RTCP_ENCRYPTION, LABEL_RTCP_SALT);
+        Aead::new(exported, provider, false, labels).map(Opener)
+    }
+
+    /// The compound RTCP packet inside `srtcp` (RFC 7714 §9) into `out`, or false if it does
+    /// not authenticate, is not encrypted (E = 0: browsers always encrypt) or is malformed.
+    pub fn open(&mut self, srtcp: &[u8], out: &mut Vec<u8>) -> bool {
+        out.clear();
+        if srtcp.len() < 8 + TAG + SRTCP_INDEX {
+            return false;
+        }
+        let trailer = srtcp.len() - SRTCP_INDEX;
+        let mut e_index = [0u8; 4];
+        e_index.copy_from_slice(&srtcp[trailer..]);
+        if e_index[0] & 0x80 == 0 {
+            return false;
+        }
+        let ssrc = u32::from_be_bytes([srtcp[4], srtcp[5], srtcp[6], srtcp[7]]);
+        // RFC 7714 §9.1: IV = salt XOR (00 00 || SSRC || 00 00 || 0 || SRTCP index).
+        let mut counter = e_index;
+        counter[0] &= 0x7f;
+        let iv = self
+            .0
+            .iv(ssrc, [0, 0, counter[0], counter[1], counter[2], counter[3]]);
+        let mut aad = [0u8; 12];
+        aad[..8].copy_from_slice(&srtcp[..8]);
+        aad[8..].copy_from_slice(&e_index);
+        let sealed = &srtcp[8..trailer];
+        out.extend_from_slice(&srtcp[..8]);
+        out.resize(8 + sealed.len() - TAG, 0);
+        let opened = match &mut self.0.cipher {
+            Cipher::Aes128(c) => c.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
+            Cipher::Aes256(c) => c.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
+        };
+        if opened.is_err() {
+            out.clear();
             return false;
         }
         true
@@ -246,5 +320,40 @@ mod tests {
         assert_ne!(&a[12..52], &payload[..]);
         // Same sequence number, next roll-over: another IV, another ciphertext.
         assert_ne!(a[12..], b[12..]);
+    }
+
+    #[test]
+    fn opener_reads_the_rfc_7714_srtcp_vector_and_rejects_tampering() {
+        // RFC 7714 §17.1: AEAD_AES_128_GCM session key and salt, a sender report sealed
+        // with SRTCP index 0x5d4.
+        let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
+        let mut opener = Opener(Aead {
+            cipher: Cipher::Aes128(provider().aead_aes_128_gcm().create_cipher(key, false)),
+            salt: hex("517569642070726f2071756f").try_into().unwrap(),
+        });
+        let plain = hex(
+            "81c8000d 4d617273 4e545031 4e545032 52545020 0000042a 0000e930 4c756e61
+             deadbeef deadbeef deadbeef deadbeef deadbeef",
+        );
+        let sealed = hex(
+            "81c8000d 4d617273 63e94885 dcdab67c a727d766 2f6b7e99 7ff5c0f7 6c06f32d
+             c676a5f1 730d6fda 4ce09b46 86303ded 0bb9275b c84aa458 96cf4d2f c5abf872
+             45d9eade 800005d4",
+        );
+        let mut out = Vec::new();
+        assert!(opener.open(&sealed, &mut out));
+        assert_eq!(out, plain);
+        for i in [0, 9, sealed.len() - 5, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[i] ^= 1;
+            assert!(!opener.open(&bad, &mut out), "byte {i} flipped");
+            assert!(out.is_empty());
+        }
+        // Too short to hold header, tag and index; unencrypted (E = 0).
+        assert!(!opener.open(&sealed[..27], &mut out));
+        let mut clear = sealed.clone();
+        let e = clear.len() - 4;
+        clear[e] &= 0x7f;
+        assert!(!opener.open(&clear, &mut out));
     }
 }
