@@ -567,9 +567,16 @@ impl Peer {
         let (ssrc, rtx_ssrc) = (*tx.ssrc(), tx.rtx().map(|r| *r));
         let rtx_pt = if nack {
             let (rtx_pt, rtx_ssrc) = rtx_pt.zip(rtx_ssrc)?;
-            match self.rtx_sender(mid) {
+            let sender = self.rtx.iter_mut().find(|(m, _)| *m == mid).map(|(_, r)| r);
+            match sender {
                 Some(RtxSender::Str0m) => return None,
-                Some(RtxSender::Us { .. }) => {}
+                // Follow the m-line's current SSRCs; the numbering goes on (a new RTX SSRC
+                // starts a new IV space, so continuing is as safe as starting over).
+                Some(RtxSender::Us {
+                    ssrc: s,
+                    rtx_ssrc: r,
+                    ..
+                }) => (*s, *r) = (ssrc, rtx_ssrc),
                 None => self.rtx.push((
                     mid,
                     RtxSender::Us {
