@@ -31,6 +31,18 @@ class Api:
     def __init__(self, base):
         self.base = base
 
+    def metric(self, name):
+        """A counter of the server's /metrics, summed over its labelled series."""
+        origin = self.base.rsplit("/v1", 1)[0]
+        with urllib.request.urlopen(f"{origin}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        total = 0
+        for line in text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == name or key.startswith(name + "{"):
+                total += int(value)
+        return total
+
     def call(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(

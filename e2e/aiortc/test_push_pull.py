@@ -79,3 +79,7 @@ def test_aiortc_video_through_the_sfu(api):
     frames = asyncio.run(main())
     assert len(frames) >= 20, f"decoded only {len(frames)} frames"
     assert frames[-1].width == 640 and frames[-1].height == 480
+    # aiortc negotiates AEAD_AES_256_GCM with us: the video it decoded was sealed by the
+    # worker beside str0m (libsrtp, through pylibsrtp, opened it).
+    egress = api.metric("opencalls_egress_rtp_total")
+    assert egress >= 20, f"{egress} packets left beside str0m"
