@@ -497,10 +497,15 @@ impl Peer {
         payload: Arc<[u8]>,
         now: Instant,
     ) -> bool {
+        let sender = self.rtx_sender(mid);
+        let mut api = self.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+            return false;
+        };
         // Before DTLS nobody can own the RTX SSRC yet: nothing written then is NACK-able.
         // After it, str0m answers NACKs unless we took the m-line (see `egress_stream`).
         let nackable = self.was_connected
-            && match self.rtx_sender(mid) {
+            && match sender {
                 Some(RtxSender::Us { .. }) => false,
                 Some(RtxSender::Str0m) => true,
                 None => {
@@ -508,10 +513,6 @@ impl Peer {
                     true
                 }
             };
-        let mut api = self.rtc.direct_api();
-        let Some(tx) = api.stream_tx_by_mid(mid, None) else {
-            return false;
-        };
         tx.write_rtp(
             RtpWrite::new(pt.into(), seq.into(), rtp_time, now, payload)
                 .marker(marker)
