@@ -251,7 +251,8 @@ export class CallsSession {
       const info = this.pulled.get(tr.mid);
       const st = { mid: tr.mid, kind: tr.receiver.track.kind, trackName: info.trackName, sessionId: info.sessionId,
         framesDecoded: 0, packetsReceived: 0, bytesReceived: 0, frameWidth: 0, totalSamplesReceived: 0,
-        packetsLost: 0, nackCount: 0, retransmittedPacketsReceived: 0, freezeCount: 0, pliCount: 0 };
+        packetsLost: 0, nackCount: 0, retransmittedPacketsReceived: 0, freezeCount: 0, pliCount: 0,
+        senderReports: 0, senderReportTime: 0 };
       (await tr.receiver.getStats()).forEach((s) => {
         if (s.type === 'inbound-rtp') {
           st.framesDecoded = s.framesDecoded ?? 0;
@@ -265,6 +266,11 @@ export class CallsSession {
           st.freezeCount = s.freezeCount ?? 0;
           st.pliCount = s.pliCount ?? 0;
           st.codec = s.codecId;
+        } else if (s.type === 'remote-outbound-rtp') {
+          // What the SFU's sender reports said (the RTP time <-> wall clock mapping
+          // receivers use for A/V sync).
+          st.senderReports = s.reportsSent ?? 0;
+          st.senderReportTime = s.remoteTimestamp ?? 0;
         }
       });
       out[tr.mid] = st;
