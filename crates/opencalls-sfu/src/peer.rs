@@ -650,12 +650,9 @@ impl Peer {
             sent.rtp_time,
             rtx_ssrc,
         );
-        // The MID extension only: the capture time belongs to the first transmission.
-        let rtx_stream = EgressStream {
-            abs_capture_time: None,
-            ..stream.clone()
-        };
-        write_extensions(&mut packet, &rtx_stream, &ExtensionValues::default());
+        // The MID extension only (no extension values): the capture time belongs to the
+        // first transmission.
+        write_extensions(&mut packet, stream, &ExtensionValues::default());
         let mut body = Vec::with_capacity(2 + sent.payload.len());
         body.extend_from_slice(&(sent.seq as u16).to_be_bytes());
         body.extend_from_slice(sent.payload);

@@ -158,6 +158,13 @@ impl Session {
         }
     }
 
+    /// Queues a packet sealed beside str0m; true when it is the first of this batch (the
+    /// session then needs a place on the worker's list of sessions to release).
+    pub fn queue_egress(&mut self, datagram: Vec<u8>) -> bool {
+        self.egress_out.push(datagram);
+        self.egress_out.len() == 1
+    }
+
     /// The open publication with this name, if any.
     pub fn published_mid(&self, track_name: &str) -> Option<Mid> {
         self.publications

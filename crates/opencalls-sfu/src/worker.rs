@@ -516,21 +516,23 @@ impl Worker {
                 return;
             }
         }
-        self.answer_nacks(key, data);
+        if session.send_path.is_some() {
+            // NACKs on m-lines whose retransmissions are ours (video on the egress path;
+            // str0m answers the others from its own buffer).
+            session.peer.read_nacks(data, &mut self.nacks);
+            if !self.nacks.is_empty() {
+                self.answer_nacks(key);
+            }
+        }
         self.drain(key);
     }
 
-    /// Retransmits what the NACKs in `data` ask for on m-lines whose retransmissions are
-    /// ours (video on the egress path; str0m answers the others from its own buffer).
-    fn answer_nacks(&mut self, key: SessionKey, data: &[u8]) {
+    /// Retransmits the packets the NACKs just read (`self.nacks`) ask for.
+    fn answer_nacks(&mut self, key: SessionKey) {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        if s.send_path.is_none() {
-            return;
-        }
         let mut nacks = std::mem::take(&mut self.nacks);
-        s.peer.read_nacks(data, &mut nacks);
         for &(mid, seq) in &nacks {
             let Some(sub) = s.subscriptions.get_mut(&mid) else {
                 continue;
@@ -550,12 +552,12 @@ impl Worker {
             };
             if let Some(datagram) = s.peer.seal_rtx(stream, packet) {
                 incr(&self.stats.egress_rtx);
-                if s.egress_out.is_empty() {
+                if s.queue_egress(datagram) {
                     self.egress_due.push(key);
                 }
-                s.egress_out.push(datagram);
             }
         }
+        nacks.clear();
         self.nacks = nacks;
     }
 
@@ -790,16 +792,18 @@ impl Worker {
             if s.peer.was_connected() && !matches!(sub.egress, Some((p, _)) if p == pt) {
                 sub.egress = Some((pt, s.peer.egress_stream(mid, pt)));
             }
-            if let Some((_, Some(stream))) = &sub.egress {
-                if stream.resends() {
-                    let sent = Sent::new(seq, ts, packet.marker, pt, packet.payload.clone());
-                    sub.history.push(sent);
-                }
+            let stream = match &sub.egress {
+                Some((_, Some(stream))) => Some(stream),
+                _ => None,
+            };
+            if stream.is_some_and(|stream| stream.resends()) {
+                let sent = Sent::new(seq, ts, packet.marker, pt, packet.payload.clone());
+                sub.history.push(sent);
             }
             // Without str0m, except one packet in EGRESS_STR0M_EVERY (and the first): str0m's
             // sender reports take their RTP time from its last write.
-            let beside = matches!((&sub.egress, s.send_path), (Some((_, Some(_))), Some(_)));
-            if let (Some((_, Some(stream))), Some(_)) = (&sub.egress, s.send_path) {
+            let beside = stream.filter(|_| s.send_path.is_some());
+            if let Some(stream) = beside {
                 if sub.egress_run > 0 && sub.egress_run < EGRESS_STR0M_EVERY {
                     if let Some(datagram) = s.peer.seal_rtp(
                         stream,
@@ -813,10 +817,9 @@ impl Worker {
                         sub.egress_run += 1;
                         incr(&self.stats.forwarded_rtp);
                         incr(&self.stats.egress_rtp);
-                        if s.egress_out.is_empty() {
+                        if s.queue_egress(datagram) {
                             self.egress_due.push(key);
                         }
-                        s.egress_out.push(datagram);
                         continue;
                     }
                 }
@@ -834,7 +837,7 @@ impl Worker {
             );
             if written {
                 incr(&self.stats.forwarded_rtp);
-                if beside {
+                if beside.is_some() {
                     // Its neighbours leave beside str0m: it must leave between them.
                     self.str0m_now.push(key);
                 } else {
