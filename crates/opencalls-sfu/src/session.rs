@@ -137,7 +137,28 @@ pub(crate) struct Session {
     pub send_path: Option<(usize, SocketAddr)>,
     /// Packets sealed beside str0m in this input batch, sent together (back to back, so
     /// equal-sized ones leave as one GSO send) when the batch is done.
-    pub egress_out: Vec<Vec<u8>>,
+    pub egress_out: EgressQueue,
+}
+
+/// A session's packets sealed beside str0m, waiting for the worker's flush.
+#[derive(Debug, Default)]
+pub struct EgressQueue(Vec<Vec<u8>>);
+
+impl EgressQueue {
+    /// Queues a packet; true when it is the first of this batch (the session then needs a
+    /// place on the worker's list of sessions to release).
+    pub fn push(&mut self, datagram: Vec<u8>) -> bool {
+        self.0.push(datagram);
+        self.0.len() == 1
+    }
+
+    pub fn drain(&mut self) -> std::vec::Drain<'_, Vec<u8>> {
+        self.0.drain(..)
+    }
+
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
 }
 
 impl Session {
@@ -154,15 +175,8 @@ impl Session {
             addrs: Vec::new(),
             timer: SessionTimer::default(),
             send_path: None,
-            egress_out: Vec::new(),
+            egress_out: EgressQueue::default(),
         }
-    }
-
-    /// Queues a packet sealed beside str0m; true when it is the first of this batch (the
-    /// session then needs a place on the worker's list of sessions to release).
-    pub fn queue_egress(&mut self, datagram: Vec<u8>) -> bool {
-        self.egress_out.push(datagram);
-        self.egress_out.len() == 1
     }
 
     /// The open publication with this name, if any.

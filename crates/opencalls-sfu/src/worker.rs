@@ -223,7 +223,8 @@ impl MediaPlane {
                         firing: Vec::new(),
                         egress_due: Vec::new(),
                         nacks: Vec::new(),
-                        str0m_now: Vec::new(),
+                        pending: Vec::new(),
+                        run: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         fds: Vec::new(),
@@ -259,6 +260,13 @@ impl MediaPlane {
 
 /// A packet on its way from a publication to subscribers on one worker.
 #[derive(Debug)]
+/// How far [`Worker::deliver_to`] got.
+enum Delivered {
+    All,
+    /// Packet `i` was written through str0m and must leave before the rest are sealed.
+    ThroughStr0m(usize),
+}
+
 struct Forwarded {
     codec: Option<CodecSpec>,
     rid: Option<Rid>,
@@ -321,8 +329,11 @@ struct Worker {
     egress_due: Vec<SessionKey>,
     /// Scratch: the NACKs one datagram carried.
     nacks: Vec<(Mid, u16)>,
-    /// Scratch: sessions whose packet written through str0m must leave at once (egress).
-    str0m_now: Vec<SessionKey>,
+    /// Packets for this worker's subscribers, delivered per track at the next flush (a
+    /// subscriber's state is then visited once per input batch, not once per packet).
+    pending: Vec<(TrackKey, Arc<Forwarded>)>,
+    /// Scratch: one track's run of `pending`.
+    run: Vec<Arc<Forwarded>>,
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
@@ -456,8 +467,9 @@ impl Worker {
         false
     }
 
-    /// Sends every queued datagram.
+    /// Delivers pending packets and sends every queued datagram.
     fn flush(&mut self) {
+        self.deliver_pending();
         self.release_egress();
         flush_outbox(&mut self.outbox, &self.fds, &self.stats);
     }
@@ -480,7 +492,7 @@ impl Worker {
             s.egress_out.clear();
             return;
         };
-        for d in s.egress_out.drain(..) {
+        for d in s.egress_out.drain() {
             self.outbox.push(sock, to, d);
             if self.outbox.is_full() {
                 flush_outbox(&mut self.outbox, &self.fds, &self.stats);
@@ -552,7 +564,7 @@ impl Worker {
             };
             if let Some(datagram) = s.peer.seal_rtx(stream, packet) {
                 incr(&self.stats.egress_rtx);
-                if s.queue_egress(datagram) {
+                if s.egress_out.push(datagram) {
                     self.egress_due.push(key);
                 }
             }
@@ -740,7 +752,7 @@ impl Worker {
                 }
                 let local = publication.fanout.iter().any(|(w, _)| *w == self.index);
                 if local {
-                    self.deliver(track, &packet, now);
+                    self.pending.push((track, packet));
                 }
             }
             PeerEvent::KeyframeRequest { mid, .. } => {
@@ -755,20 +767,78 @@ impl Worker {
         }
     }
 
-    /// Fans one packet out to this worker's subscribers of `track`.
-    fn deliver(&mut self, track: TrackKey, packet: &Forwarded, now: Instant) {
+    /// Fans the pending packets out, one track's packets at a time, each subscriber taking
+    /// all of them in order before the next (its session, keys and history are touched once
+    /// per batch). Nothing leaves earlier than before: sealed packets wait for the flush.
+    fn deliver_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let now = Instant::now();
         self.timers.advance(now);
+        let mut pending = std::mem::take(&mut self.pending);
+        // Stable: each track's packets keep their order.
+        pending.sort_by_key(|(track, _)| *track);
+        let mut run = std::mem::take(&mut self.run);
+        let mut rest = &pending[..];
+        while let Some(&(track, _)) = rest.first() {
+            let len = rest.iter().take_while(|(t, _)| *t == track).count();
+            run.extend(rest[..len].iter().map(|(_, p)| p.clone()));
+            self.deliver(track, &run, now);
+            run.clear();
+            rest = &rest[len..];
+        }
+        pending.clear();
+        self.pending = pending;
+        self.run = run;
+    }
+
+    /// Fans `packets` (in order, one track's) out to this worker's subscribers of `track`.
+    fn deliver(&mut self, track: TrackKey, packets: &[Arc<Forwarded>], now: Instant) {
         let Some(subs) = self.subscribers.get_mut(&track) else {
             return;
         };
         let subs = std::mem::take(subs);
         for &(key, mid) in &subs {
-            let Some(s) = self.sessions.get_mut(&key) else {
-                continue;
-            };
-            let Some(sub) = s.subscriptions.get_mut(&mid) else {
-                continue;
-            };
+            let mut from = 0;
+            while from < packets.len() {
+                match self.deliver_to(key, mid, &packets[from..], now) {
+                    Delivered::All => break,
+                    Delivered::ThroughStr0m(i) => {
+                        // A packet written through str0m on the egress path leaves now,
+                        // after the packets sealed before it and before those sealed after
+                        // it: out of order, a receiver would take it for lost and NACK it
+                        // (video) or its jitter buffer would reorder.
+                        self.release_session_egress(key);
+                        self.fire(key, now);
+                        from += i + 1;
+                    }
+                }
+            }
+        }
+        if let Some(slot) = self.subscribers.get_mut(&track) {
+            // Nothing can subscribe while we deliver, but keep any additions anyway.
+            let added = std::mem::replace(slot, subs);
+            slot.extend(added);
+        }
+    }
+
+    /// Forwards `packets` to one subscription, sealing beside str0m where it can; stops
+    /// after a packet written through str0m that must leave before the next is sealed.
+    fn deliver_to(
+        &mut self,
+        key: SessionKey,
+        mid: Mid,
+        packets: &[Arc<Forwarded>],
+        now: Instant,
+    ) -> Delivered {
+        let Some(s) = self.sessions.get_mut(&key) else {
+            return Delivered::All;
+        };
+        let Some(sub) = s.subscriptions.get_mut(&mid) else {
+            return Delivered::All;
+        };
+        for (i, packet) in packets.iter().enumerate() {
             let Some(codec) = packet.codec else {
                 continue;
             };
@@ -817,7 +887,7 @@ impl Worker {
                         sub.egress_run += 1;
                         incr(&self.stats.forwarded_rtp);
                         incr(&self.stats.egress_rtp);
-                        if s.queue_egress(datagram) {
+                        if s.egress_out.push(datagram) {
                             self.egress_due.push(key);
                         }
                         continue;
@@ -839,29 +909,14 @@ impl Worker {
                 incr(&self.stats.forwarded_rtp);
                 if beside.is_some() {
                     // Its neighbours leave beside str0m: it must leave between them.
-                    self.str0m_now.push(key);
-                } else {
-                    // The packet waits in str0m's send queue until the session's next
-                    // timeout (see `Peer::write_rtp`): no drain now, the session is due
-                    // this turn.
-                    self.timers.schedule(key, &mut s.timer, now);
+                    return Delivered::ThroughStr0m(i);
                 }
+                // The packet waits in str0m's send queue until the session's next timeout
+                // (see `Peer::write_rtp`): no drain now, the session is due this turn.
+                self.timers.schedule(key, &mut s.timer, now);
             }
         }
-        if let Some(slot) = self.subscribers.get_mut(&track) {
-            // Nothing can subscribe while we deliver, but keep any additions anyway.
-            let added = std::mem::replace(slot, subs);
-            slot.extend(added);
-        }
-        // A packet written through str0m on the egress path leaves now, after the packets
-        // sealed before it and before those sealed after it: out of order, a receiver
-        // would take it for lost and NACK it (video) or its jitter buffer would reorder.
-        let mut now_due = std::mem::take(&mut self.str0m_now);
-        for key in now_due.drain(..) {
-            self.release_session_egress(key);
-            self.fire(key, now);
-        }
-        self.str0m_now = now_due;
+        Delivered::All
     }
 
     fn request_keyframe(&mut self, track: TrackKey, rid: Option<Rid>, source_worker: WorkerIndex) {
@@ -901,6 +956,10 @@ impl Worker {
     }
 
     fn handle_msg(&mut self, msg: Msg) {
+        if !matches!(msg, Msg::Media { .. }) {
+            // Packets that came before a change are delivered before it.
+            self.deliver_pending();
+        }
         match msg {
             Msg::Command(cmd) => {
                 let start = Instant::now();
@@ -912,7 +971,7 @@ impl Worker {
             }
             Msg::Attach { track, worker } => self.attach(track, worker),
             Msg::Detach { track, worker } => self.detach(track, worker),
-            Msg::Media { track, packet } => self.deliver(track, &packet, Instant::now()),
+            Msg::Media { track, packet } => self.pending.push((track, packet)),
             Msg::Keyframe { track, rid } => self.keyframe_local(track, rid, Instant::now(), false),
             Msg::Unpublished { track } => self.source_gone(track),
             Msg::Shutdown => self.running = false,
