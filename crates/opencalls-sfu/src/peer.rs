@@ -253,8 +253,9 @@ pub struct EgressStream {
     pt: u8,
     /// Negotiated one-byte extension id for abs-capture-time.
     abs_capture_time: Option<u8>,
-    /// Negotiated MID extension id (receivers bind the SSRC with it).
-    mid_ext: Option<u8>,
+    /// The MID extension element (one-byte header, then the MID; receivers bind the SSRC
+    /// with it), written once here: `element[..len]`, empty where MID was not negotiated.
+    mid_element: ([u8; 17], usize),
     /// The RTX payload type, where the payload type is NACK-able: the caller then keeps
     /// what it sends in a history and answers NACKs ([`Peer::read_nacks`],
     /// [`Peer::seal_rtx`]).
@@ -592,12 +593,21 @@ impl Peer {
         } else {
             None
         };
+        let mut mid_element = ([0u8; 17], 0);
+        if let Some(id) = mid_ext {
+            let bytes = mid.as_bytes();
+            if (1..=16).contains(&bytes.len()) {
+                mid_element.0[0] = (id << 4) | (bytes.len() as u8 - 1);
+                mid_element.0[1..=bytes.len()].copy_from_slice(bytes);
+                mid_element.1 = 1 + bytes.len();
+            }
+        }
         Some(EgressStream {
             mid,
             ssrc,
             pt,
             abs_capture_time,
-            mid_ext,
+            mid_element,
             rtx_pt,
         })
     }
@@ -795,13 +805,8 @@ fn rtp_header(packet: &mut Vec<u8>, marker: bool, pt: u8, seq: u64, rtp_time: u3
 fn write_extensions(packet: &mut Vec<u8>, stream: &EgressStream, ext: &ExtensionValues) {
     let start = packet.len();
     packet.extend_from_slice(&[0xBE, 0xDE, 0, 0]);
-    if let Some(id) = stream.mid_ext {
-        let mid = stream.mid.as_bytes();
-        if (1..=16).contains(&mid.len()) {
-            packet.push((id << 4) | (mid.len() as u8 - 1));
-            packet.extend_from_slice(mid);
-        }
-    }
+    let (element, len) = &stream.mid_element;
+    packet.extend_from_slice(&element[..*len]);
     if let (Some(id), Some(act)) = (stream.abs_capture_time, &ext.abs_capture_time) {
         let since = act
             .capture_time

@@ -11,7 +11,8 @@
 //! sends with the client half. Session keys follow RFC 3711 §4.3.1's AES-CM key derivation
 //! (RFC 7714 §11 uses it unchanged, with the 96-bit salt zero-padded to 112 bits).
 
-use str0m::crypto::{AeadAes128GcmCipher, AeadAes256GcmCipher, SrtpProvider};
+use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use str0m::crypto::SrtpProvider;
 
 /// What the DTLS handshake exported for SRTP.
 #[derive(Clone)]
@@ -38,14 +39,10 @@ const GCM_SALT: usize = 12;
 /// The GCM authentication tag appended to every packet.
 pub(crate) const TAG: usize = 16;
 
-enum Cipher {
-    Aes128(Box<dyn AeadAes128GcmCipher>),
-    Aes256(Box<dyn AeadAes256GcmCipher>),
-}
-
-/// One direction's AES-GCM session key and salt for RTP or for RTCP.
+/// One direction's AES-GCM session key and salt for RTP or for RTCP. The key is aws-lc's
+/// (the library str0m's own SRTP uses), held here so packets are sealed in place.
 struct Aead {
-    cipher: Cipher,
+    key: LessSafeKey,
     salt: [u8; GCM_SALT],
 }
 
@@ -85,16 +82,16 @@ impl Aead {
         master_salt.copy_from_slice(&m[s..s + GCM_SALT]);
         let mut salt = [0u8; GCM_SALT];
         derive(provider, master, &master_salt, labels.1, &mut salt);
-        let cipher = if key_len == 16 {
-            let mut key = [0u8; 16];
-            derive(provider, master, &master_salt, labels.0, &mut key);
-            Cipher::Aes128(provider.aead_aes_128_gcm().create_cipher(key, sending))
+        let mut key = [0u8; 32];
+        let key = &mut key[..key_len];
+        derive(provider, master, &master_salt, labels.0, key);
+        let algorithm = if key_len == 16 {
+            &AES_128_GCM
         } else {
-            let mut key = [0u8; 32];
-            derive(provider, master, &master_salt, labels.0, &mut key);
-            Cipher::Aes256(provider.aead_aes_256_gcm().create_cipher(key, sending))
+            &AES_256_GCM
         };
-        Some(Aead { cipher, salt })
+        let key = LessSafeKey::new(UnboundKey::new(algorithm, key).ok()?);
+        Some(Aead { key, salt })
     }
 
     /// The salt XORed into the RFC 7714 IV layout `00 00 || SSRC || counter`.
@@ -134,17 +131,23 @@ impl Sealer {
         counter[4..].copy_from_slice(&(index as u16).to_be_bytes());
         let iv = self.0.iv(ssrc, counter);
         let header = packet.len();
-        packet.resize(header + payload.len() + TAG, 0);
+        packet.extend_from_slice(payload);
         let (aad, body) = packet.split_at_mut(header);
-        let sealed = match &mut self.0.cipher {
-            Cipher::Aes128(c) => c.encrypt(&iv, aad, payload, body),
-            Cipher::Aes256(c) => c.encrypt(&iv, aad, payload, body),
-        };
-        if sealed.is_err() {
-            packet.truncate(header);
-            return false;
+        let nonce = Nonce::assume_unique_for_key(iv);
+        match self
+            .0
+            .key
+            .seal_in_place_separate_tag(nonce, Aad::from(&*aad), body)
+        {
+            Ok(tag) => {
+                packet.extend_from_slice(tag.as_ref());
+                true
+            }
+            Err(_) => {
+                packet.truncate(header);
+                false
+            }
         }
-        true
     }
 }
 
@@ -192,18 +195,24 @@ impl Opener {
         let mut aad = [0u8; 12];
         aad[..8].copy_from_slice(&srtcp[..8]);
         aad[8..].copy_from_slice(&e_index);
-        let sealed = &srtcp[8..trailer];
-        out.extend_from_slice(&srtcp[..8]);
-        out.resize(8 + sealed.len() - TAG, 0);
-        let opened = match &mut self.0.cipher {
-            Cipher::Aes128(c) => c.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
-            Cipher::Aes256(c) => c.decrypt(&iv, &[&aad], sealed, &mut out[8..]),
-        };
-        if opened.is_err() {
-            out.clear();
-            return false;
+        // Header, then ciphertext and tag, opened in place.
+        out.extend_from_slice(&srtcp[..trailer]);
+        let nonce = Nonce::assume_unique_for_key(iv);
+        let opened = self
+            .0
+            .key
+            .open_in_place(nonce, Aad::from(aad), &mut out[8..])
+            .map(|plain| plain.len());
+        match opened {
+            Ok(len) => {
+                out.truncate(8 + len);
+                true
+            }
+            Err(_) => {
+                out.clear();
+                false
+            }
         }
-        true
     }
 }
 
@@ -322,15 +331,41 @@ mod tests {
         assert_ne!(a[12..], b[12..]);
     }
 
+    /// RFC 7714 §16's AEAD_AES_128_GCM session key (given) and salt.
+    fn rfc_7714_aead(key: &[u8; 16]) -> Aead {
+        Aead {
+            key: LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key).unwrap()),
+            salt: hex("517569642070726f2071756f").try_into().unwrap(),
+        }
+    }
+
+    #[test]
+    fn sealer_matches_the_rfc_7714_srtp_vector() {
+        // RFC 7714 §16.1.1: an RTP packet (SSRC 0xcafebabe, sequence 0xf17b, ROC 0) sealed
+        // with AEAD_AES_128_GCM.
+        let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
+        let mut sealer = Sealer(rfc_7714_aead(&key));
+        let header = hex("8040f17b 8041f8d3 5501a0b2");
+        let payload = hex(
+            "47616c6c 69612065 7374206f 6d6e6973 20646976 69736120 696e2070 61727465
+             73207472 6573",
+        );
+        let mut packet = header.clone();
+        assert!(sealer.seal(&mut packet, 0x5501a0b2, 0xf17b, &payload));
+        let expected = hex(
+            "8040f17b 8041f8d3 5501a0b2 f24de3a3 fb34de6c acba861c 9d7e4bca be633bd5
+             0d294e6f 42a5f47a 51c7d19b 36de3adf 8833899d 7f27beb1 6a9152cf 765ee439
+             0cce",
+        );
+        assert_eq!(packet, expected);
+    }
+
     #[test]
     fn opener_reads_the_rfc_7714_srtcp_vector_and_rejects_tampering() {
         // RFC 7714 §17.1: AEAD_AES_128_GCM session key and salt, a sender report sealed
         // with SRTCP index 0x5d4.
         let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
-        let mut opener = Opener(Aead {
-            cipher: Cipher::Aes128(provider().aead_aes_128_gcm().create_cipher(key, false)),
-            salt: hex("517569642070726f2071756f").try_into().unwrap(),
-        });
+        let mut opener = Opener(rfc_7714_aead(&key));
         let plain = hex(
             "81c8000d 4d617273 4e545031 4e545032 52545020 0000042a 0000e930 4c756e61
              deadbeef deadbeef deadbeef deadbeef deadbeef",
