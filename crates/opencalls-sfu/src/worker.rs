@@ -356,9 +356,12 @@ fn flush_outbox(outbox: &mut Outbox, fds: &[std::os::fd::RawFd], stats: &WorkerS
 /// turn before it runs commands and timers.
 const READ_BATCHES_PER_TURN: usize = 8;
 
-/// On the egress path, one packet in this many still goes through str0m (once a second
-/// for 20 ms audio), so its sender reports keep a current RTP time.
-const EGRESS_STR0M_EVERY: u32 = 50;
+/// On the egress path, one packet in this many still goes through str0m (every 4 s for
+/// 20 ms audio, ~1.5 s for video), so its sender reports keep a current RTP time: str0m
+/// extrapolates it from its last write by the wall clock, which drifts from the sender's
+/// media clock by parts per million (well under a millisecond over seconds). Each such
+/// write costs a str0m round over the whole session (every m-line), done at once.
+const EGRESS_STR0M_EVERY: u32 = 200;
 
 fn incr(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);

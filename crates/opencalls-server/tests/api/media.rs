@@ -75,7 +75,7 @@ fn push_pull_forwards(workers: usize) {
     // Nothing of the audio track reaches B: it did not pull it.
     assert_eq!(b.received.len(), got.len());
     // Video leaves beside str0m too (the worker keeps it for NACKs, see
-    // nack_rtx_recovers_loss_on_each_hop): all but the first and one in 50.
+    // nack_rtx_recovers_loss_on_each_hop): all but the first and one in 200.
     let egress = egress_rtp(&ts);
     assert!(egress >= 50, "video egress path used: {egress} packets");
 
@@ -140,7 +140,7 @@ fn audio_fans_out_to_many_subscribers() {
         }
     }
     // Audio has no NACK: after each subscriber's first packet (through str0m, as one in
-    // every 50 is), the rest were sealed and sent beside str0m, and decrypted fine above.
+    // every 200 is), the rest were sealed and sent beside str0m, and decrypted fine above.
     let egress = egress_rtp(&ts);
     assert!(egress >= 3 * 30, "audio egress path used: {egress} packets");
 }
@@ -148,8 +148,8 @@ fn audio_fans_out_to_many_subscribers() {
 #[test]
 fn a_burst_keeps_its_order_across_both_ways_out() {
     // Packets sent back to back reach the worker in one read batch, which it fans out per
-    // subscriber; every 50th packet goes through str0m in the middle of that run and must
-    // leave between its sealed neighbours.
+    // subscriber; every 200th packet goes through str0m (here the 200th, in the middle of a
+    // burst) and must leave between its sealed neighbours.
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Audio], "mic");
@@ -170,27 +170,32 @@ fn a_burst_keeps_its_order_across_both_ways_out() {
     }
     let pt = a.peer.pt(Codec::Opus);
     let before = egress_rtp(&ts);
-    for burst in 0..4u64 {
-        for i in 0..40 {
-            let seq = 10 + burst * 40 + i;
+    // Groups of 10 (the test clients read one datagram per step), then a burst of 40 around
+    // the 200th packet.
+    let mut seq = 10u64;
+    for group in [10; 18].into_iter().chain([40]) {
+        for _ in 0..group {
             assert!(a
                 .peer
                 .send_rtp(a.mids[0], pt, seq, (seq * 960) as u32, b"opus"));
+            seq += 1;
         }
         let mut all: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
         all.push(&mut a.peer);
-        pump(&mut all, Duration::from_millis(300), |_| false);
+        pump(&mut all, Duration::from_millis(100), |_| false);
     }
+    let mut all: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
+    pump(&mut all, Duration::from_millis(300), |_| false);
     for (p, mid) in &subs {
         let got = p.received_on(*mid);
-        assert!(got.len() >= 150, "received {}", got.len());
+        assert!(got.len() >= 215, "received {}", got.len());
         for w in got.windows(2) {
             assert_eq!(w[1].seq, w[0].seq + 1, "in order, none lost");
             assert_eq!(w[1].rtp_time.wrapping_sub(w[0].rtp_time), 960);
         }
     }
     assert!(
-        egress_rtp(&ts) - before >= 2 * 140,
+        egress_rtp(&ts) - before >= 2 * 210,
         "most left beside str0m"
     );
 }
@@ -198,7 +203,7 @@ fn a_burst_keeps_its_order_across_both_ways_out() {
 #[test]
 fn audio_beside_str0m_keeps_sender_reports_in_step_with_the_packets() {
     // Real-time audio (20 ms, 960 ticks at 48 kHz) for longer than str0m's 5 s audio report
-    // interval: most packets leave beside str0m, one in 50 through it, and the sender
+    // interval: most packets leave beside str0m, one in 200 through it, and the sender
     // reports (which receivers use for A/V sync) must still map the RTP time of the packets
     // the subscriber is getting.
     let ts = TestServer::start(1);
@@ -278,18 +283,19 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0]);
     let mid = mids[0];
     // Lose packets publisher → SFU, and (other ones) SFU → subscriber: sealed beside
-    // str0m (10, 28, 29) and, at 50, one written through str0m (the first and one in 50
-    // are, see `EGRESS_STR0M_EVERY`): the worker answers NACKs for both.
+    // str0m (10, 28, 29) and, among 200..=205, the 200th packet, written through str0m (the
+    // first and one in 200 are, see `EGRESS_STR0M_EVERY`; the three retransmissions before
+    // it make it the 203rd datagram): the worker answers NACKs for both kinds.
     a.peer.drop_outgoing_rtp = vec![20, 35];
-    b.drop_incoming_rtp = vec![10, 28, 29, 50];
+    b.drop_incoming_rtp = vec![10, 28, 29, 200, 201, 202, 203, 204, 205];
     let pt = a.peer.pt(Codec::Vp8);
-    let sent = stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 500, 60);
+    let sent = stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 500, 230);
     pump(&mut [&mut a.peer, &mut b], Duration::from_secs(2), |p| {
-        p[1].received_on(mid).len() >= 60
+        p[1].received_on(mid).len() >= 230
     });
     let (egress, rtx) = (egress_rtp(&ts), egress_rtx(&ts));
     assert!(egress >= 50, "video left beside str0m: {egress} packets");
-    assert!(rtx >= 4, "retransmissions answered beside str0m: {rtx}");
+    assert!(rtx >= 9, "retransmissions answered beside str0m: {rtx}");
     let got: Vec<Vec<u8>> = b
         .received_on(mid)
         .iter()
@@ -303,8 +309,8 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     let mut seqs: Vec<u64> = b.received_on(mid).iter().map(|r| r.seq).collect();
     seqs.sort();
     seqs.dedup();
-    assert_eq!(seqs.len(), 60);
-    assert_eq!(seqs[59] - seqs[0], 59);
+    assert_eq!(seqs.len(), 230);
+    assert_eq!(seqs[229] - seqs[0], 229);
 }
 
 #[test]
