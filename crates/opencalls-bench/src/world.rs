@@ -69,7 +69,7 @@ impl Scenario {
             (Scenario::Webinar, true) => &[10, 40],
             (Scenario::Webinar, false) => &[25, 50, 100, 200, 300, 400, 500, 600],
             (Scenario::Meeting, true) => &[3, 5],
-            (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20],
+            (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20, 24, 28],
             // Joins per second.
             (Scenario::JoinStorm, true) => &[20],
             (Scenario::JoinStorm, false) => &[10, 25, 50, 100, 200],
