@@ -147,64 +147,100 @@ const HISTORY_LEN: usize = 512;
 /// lost too; past this its requests are not loss but abuse (each answer costs us a packet).
 const MAX_RESENDS: u8 = 3;
 
-/// One packet as it left for a subscriber (outgoing numbering).
-#[derive(Debug, Clone)]
+/// One packet as it left for a subscriber (outgoing numbering), 16 bytes: four to a cache
+/// line, since every subscriber writes one per packet. The payload stays in the track's
+/// [`Recent`], named by `packet`.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Sent {
-    pub seq: u64,
+    /// The low 32 bits of its extended sequence number.
+    seq: u32,
+    /// The low 32 bits of its payload's index in the track's [`Recent`].
+    packet: u32,
     pub rtp_time: u32,
-    pub marker: bool,
     pub pt: u8,
-    pub payload: Arc<[u8]>,
+    pub marker: bool,
+    /// Times sent again; an empty slot reads as resent enough.
     resends: u8,
 }
 
-impl Sent {
-    pub fn new(seq: u64, rtp_time: u32, marker: bool, pt: u8, payload: Arc<[u8]>) -> Sent {
-        Sent {
-            seq,
-            rtp_time,
-            marker,
-            pt,
-            payload,
-            resends: 0,
-        }
-    }
-}
-
 /// The last [`HISTORY_LEN`] packets sent to one subscriber, by outgoing sequence number.
-/// Payloads are shared with the publication's other subscribers (reference counted).
+/// Its entries name payloads in the [`Recent`] of the track it was pulling then.
 #[derive(Debug, Default)]
 pub(crate) struct History {
-    slots: Vec<Option<Sent>>,
+    slots: Vec<Sent>,
     latest: u64,
 }
 
 impl History {
-    /// Remembers a packet just sent.
-    pub fn push(&mut self, sent: Sent) {
+    /// Remembers a packet just sent: outgoing number `seq`, payload `packet` in the track's
+    /// [`Recent`].
+    pub fn push(&mut self, seq: u64, rtp_time: u32, marker: bool, pt: u8, packet: u64) {
         if self.slots.is_empty() {
-            self.slots.resize(HISTORY_LEN, None);
+            let empty = Sent {
+                resends: MAX_RESENDS,
+                ..Sent::default()
+            };
+            self.slots.resize(HISTORY_LEN, empty);
         }
-        self.latest = self.latest.max(sent.seq);
-        let slot = (sent.seq % HISTORY_LEN as u64) as usize;
-        self.slots[slot] = Some(sent);
+        self.latest = self.latest.max(seq);
+        self.slots[(seq % HISTORY_LEN as u64) as usize] = Sent {
+            seq: seq as u32,
+            packet: packet as u32,
+            rtp_time,
+            pt,
+            marker,
+            resends: 0,
+        };
     }
 
-    /// The packet a NACK names by its 16-bit sequence number, if still held and not sent
-    /// again too often already; counts the resend.
-    pub fn resend(&mut self, seq: u16) -> Option<&Sent> {
+    /// The packet a NACK names by its 16-bit sequence number, with its extended number, if
+    /// still held and not sent again too often already; counts the resend.
+    pub fn resend(&mut self, seq: u16) -> Option<(u64, Sent)> {
         // The extended number closest below or at the newest one sent.
         let mut ext = (self.latest & !0xffff) | u64::from(seq);
         if ext > self.latest {
             ext = ext.checked_sub(1 << 16)?;
         }
         let slot = (ext % HISTORY_LEN as u64) as usize;
-        let sent = self.slots.get_mut(slot)?.as_mut()?;
-        if sent.seq != ext || sent.resends >= MAX_RESENDS {
+        let sent = self.slots.get_mut(slot)?;
+        if sent.seq != ext as u32 || sent.resends >= MAX_RESENDS {
             return None;
         }
         sent.resends += 1;
-        Some(sent)
+        Some((ext, *sent))
+    }
+}
+
+/// Payloads kept per track and worker for its subscribers' retransmissions: more than a
+/// [`HISTORY_LEN`] of each of up to three simulcast layers.
+const RECENT_LEN: usize = 2048;
+
+/// The payloads one track's subscribers on a worker were recently sent, held once for all
+/// of them (each subscriber's [`History`] names them by index): one reference per packet,
+/// not one per packet and subscriber.
+#[derive(Debug, Default)]
+pub(crate) struct Recent {
+    slots: Vec<(u64, Option<Arc<[u8]>>)>,
+    next: u64,
+}
+
+impl Recent {
+    /// Keeps a payload; returns its index.
+    pub fn push(&mut self, payload: Arc<[u8]>) -> u64 {
+        if self.slots.is_empty() {
+            self.slots.resize(RECENT_LEN, (0, None));
+        }
+        let index = self.next;
+        self.next += 1;
+        self.slots[(index % RECENT_LEN as u64) as usize] = (index, Some(payload));
+        index
+    }
+
+    /// The payload a [`Sent`] names, if still kept.
+    pub fn get(&self, sent: &Sent) -> Option<&Arc<[u8]>> {
+        // RECENT_LEN divides 2^32, so the low 32 bits find the slot.
+        let (index, payload) = self.slots.get(sent.packet as usize % RECENT_LEN)?;
+        (*index as u32 == sent.packet).then_some(payload.as_ref()?)
     }
 }
 
@@ -266,14 +302,8 @@ mod tests {
         assert!(!p.poll_deferred(t0 + Duration::from_millis(2000)));
     }
 
-    fn sent(seq: u64) -> Sent {
-        Sent::new(
-            seq,
-            seq as u32 * 3000,
-            false,
-            96,
-            Arc::from(vec![seq as u8; 4]),
-        )
+    fn push(h: &mut History, seq: u64) {
+        h.push(seq, seq as u32 * 3000, false, 96, seq + 7);
     }
 
     #[test]
@@ -281,17 +311,21 @@ mod tests {
         let mut h = History::default();
         assert!(h.resend(5).is_none());
         for seq in 65_500..65_600u64 {
-            h.push(sent(seq));
+            push(&mut h, seq);
         }
         // 65,599 went out as 16-bit 63; 65,530 as itself.
-        assert_eq!(h.resend(63).map(|s| s.seq), Some(65_599));
-        assert_eq!(h.resend(65_530).map(|s| s.seq), Some(65_530));
+        let (seq, sent) = h.resend(63).expect("held");
+        assert_eq!(
+            (seq, sent.rtp_time, sent.packet),
+            (65_599, 65_599 * 3000, 65_606)
+        );
+        assert_eq!(h.resend(65_530).map(|s| s.0), Some(65_530));
         // Older than the history holds, or never sent.
         assert!(h.resend(65_000).is_none());
         assert!(h.resend(200).is_none());
         // Far past: overwritten slots do not answer for their old number.
         for seq in 65_600..(65_600 + HISTORY_LEN as u64) {
-            h.push(sent(seq));
+            push(&mut h, seq);
         }
         assert!(h.resend(63).is_none());
     }
@@ -299,10 +333,33 @@ mod tests {
     #[test]
     fn one_packet_is_resent_at_most_max_resends_times() {
         let mut h = History::default();
-        h.push(sent(10));
+        push(&mut h, 10);
+        // Never-written slots do not answer.
+        assert!(h.resend(11).is_none());
+        assert!(h.resend(9).is_none());
         for _ in 0..MAX_RESENDS {
             assert!(h.resend(10).is_some());
         }
         assert!(h.resend(10).is_none());
+    }
+
+    #[test]
+    fn recent_keeps_the_last_payloads_by_index() {
+        let mut r = Recent::default();
+        let mut h = History::default();
+        let payload = |i: u64| Arc::<[u8]>::from(vec![i as u8; 3]);
+        for i in 0..(RECENT_LEN as u64 + 10) {
+            let index = r.push(payload(i));
+            h.push(i, 0, false, 96, index);
+        }
+        // The newest is there; one overwritten by a later payload is not.
+        let (_, newest) = h.resend((RECENT_LEN as u64 + 9) as u16).expect("held");
+        assert_eq!(r.get(&newest).map(|p| p[0]), Some((RECENT_LEN + 9) as u8));
+        let old = Sent {
+            packet: 5,
+            ..Sent::default()
+        };
+        assert!(r.get(&old).is_none());
+        assert!(Recent::default().get(&old).is_none());
     }
 }

@@ -86,6 +86,8 @@ impl Subscription {
         self.pt = None;
         self.egress = None;
         self.rewriter.switch_source();
+        // Its entries name payloads kept for the old track.
+        self.history = History::default();
     }
 
     /// Prefers another simulcast layer from the next packet of that layer on.

@@ -29,7 +29,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::batch::{Inbox, Outbox};
 use crate::command::*;
-use crate::forward::Sent;
+use crate::forward::Recent;
 use crate::peer::{
     CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput, Rid,
     RtpRef,
@@ -225,6 +225,7 @@ impl MediaPlane {
                         nacks: Vec::new(),
                         pending: Vec::new(),
                         run: Vec::new(),
+                        kept: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         fds: Vec::new(),
@@ -258,8 +259,6 @@ impl MediaPlane {
     }
 }
 
-/// A packet on its way from a publication to subscribers on one worker.
-#[derive(Debug)]
 /// How far [`Worker::deliver_to`] got.
 enum Delivered {
     All,
@@ -267,6 +266,16 @@ enum Delivered {
     ThroughStr0m(usize),
 }
 
+/// One publication's subscribers on this worker, and the payloads recently sent to them
+/// (for their retransmissions).
+#[derive(Default)]
+struct Fanout {
+    subs: Vec<(SessionKey, Mid)>,
+    recent: Recent,
+}
+
+/// A packet on its way from a publication to subscribers on one worker.
+#[derive(Debug)]
 struct Forwarded {
     codec: Option<CodecSpec>,
     rid: Option<Rid>,
@@ -321,7 +330,7 @@ struct Worker {
     /// Publications owned by this worker.
     publications: FxHashMap<TrackKey, (SessionKey, Mid)>,
     /// Subscribers on this worker, by publication.
-    subscribers: FxHashMap<TrackKey, Vec<(SessionKey, Mid)>>,
+    subscribers: FxHashMap<TrackKey, Fanout>,
     timers: Timers,
     /// Sessions whose timers run this turn (kept for its allocation).
     firing: Vec<SessionKey>,
@@ -334,6 +343,8 @@ struct Worker {
     pending: Vec<(TrackKey, Arc<Forwarded>)>,
     /// Scratch: one track's run of `pending`.
     run: Vec<Arc<Forwarded>>,
+    /// Scratch: where each packet of the run sits in the track's `Recent`, once kept.
+    kept: Vec<Option<u64>>,
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
@@ -555,15 +566,19 @@ impl Worker {
             let Some((_, Some(stream))) = &sub.egress else {
                 continue;
             };
-            let Some(sent) = sub.history.resend(seq) else {
+            let Some((seq, sent)) = sub.history.resend(seq) else {
+                continue;
+            };
+            let recent = self.subscribers.get(&sub.source).map(|f| &f.recent);
+            let Some(payload) = recent.and_then(|r| r.get(&sent)) else {
                 continue;
             };
             let packet = RtpRef {
                 pt: sent.pt,
-                seq: sent.seq,
+                seq,
                 rtp_time: sent.rtp_time,
                 marker: sent.marker,
-                payload: &sent.payload,
+                payload,
             };
             if let Some(datagram) = s.peer.seal_rtx(stream, packet) {
                 incr(&self.stats.egress_rtx);
@@ -798,14 +813,19 @@ impl Worker {
 
     /// Fans `packets` (in order, one track's) out to this worker's subscribers of `track`.
     fn deliver(&mut self, track: TrackKey, packets: &[Arc<Forwarded>], now: Instant) {
-        let Some(subs) = self.subscribers.get_mut(&track) else {
+        let Some(fanout) = self.subscribers.get_mut(&track) else {
             return;
         };
-        let subs = std::mem::take(subs);
+        let subs = std::mem::take(&mut fanout.subs);
+        let mut recent = std::mem::take(&mut fanout.recent);
+        let mut kept = std::mem::take(&mut self.kept);
+        kept.clear();
+        kept.resize(packets.len(), None);
         for &(key, mid) in &subs {
             let mut from = 0;
             while from < packets.len() {
-                match self.deliver_to(key, mid, &packets[from..], now) {
+                let rest = (&packets[from..], &mut kept[from..]);
+                match self.deliver_to(key, mid, rest, &mut recent, now) {
                     Delivered::All => break,
                     Delivered::ThroughStr0m(i) => {
                         // A packet written through str0m on the egress path leaves now,
@@ -819,11 +839,13 @@ impl Worker {
                 }
             }
         }
-        if let Some(slot) = self.subscribers.get_mut(&track) {
+        if let Some(fanout) = self.subscribers.get_mut(&track) {
             // Nothing can subscribe while we deliver, but keep any additions anyway.
-            let added = std::mem::replace(slot, subs);
-            slot.extend(added);
+            let added = std::mem::replace(&mut fanout.subs, subs);
+            fanout.subs.extend(added);
+            fanout.recent = recent;
         }
+        self.kept = kept;
     }
 
     /// Forwards `packets` to one subscription, sealing beside str0m where it can; stops
@@ -832,7 +854,8 @@ impl Worker {
         &mut self,
         key: SessionKey,
         mid: Mid,
-        packets: &[Arc<Forwarded>],
+        (packets, kept): (&[Arc<Forwarded>], &mut [Option<u64>]),
+        recent: &mut Recent,
         now: Instant,
     ) -> Delivered {
         let Some(s) = self.sessions.get_mut(&key) else {
@@ -870,8 +893,8 @@ impl Worker {
                 _ => None,
             };
             if stream.is_some_and(|stream| stream.resends()) {
-                let sent = Sent::new(seq, ts, packet.marker, pt, packet.payload.clone());
-                sub.history.push(sent);
+                let index = *kept[i].get_or_insert_with(|| recent.push(packet.payload.clone()));
+                sub.history.push(seq, ts, packet.marker, pt, index);
             }
             // Without str0m, except one packet in EGRESS_STR0M_EVERY (and the first): str0m's
             // sender reports take their RTP time from its last write.
@@ -1030,7 +1053,8 @@ impl Worker {
 
     /// Our subscribers of `track` lose their source.
     fn source_gone(&mut self, track: TrackKey) {
-        for (key, mid) in self.subscribers.remove(&track).unwrap_or_default() {
+        let subs = self.subscribers.remove(&track).map(|f| f.subs);
+        for (key, mid) in subs.unwrap_or_default() {
             if let Some(sub) = self
                 .sessions
                 .get_mut(&key)
@@ -1074,9 +1098,9 @@ impl Worker {
         }
         sub.open = false;
         let (track, source_worker) = (sub.source, sub.source_worker);
-        if let Some(list) = self.subscribers.get_mut(&track) {
-            list.retain(|e| *e != (key, mid));
-            if list.is_empty() {
+        if let Some(fanout) = self.subscribers.get_mut(&track) {
+            fanout.subs.retain(|e| *e != (key, mid));
+            if fanout.subs.is_empty() {
                 self.subscribers.remove(&track);
             }
         }
@@ -1123,9 +1147,9 @@ impl Worker {
                 source_session_id: sub.source_session_id.clone(),
                 track_name: sub.track_name.clone(),
             };
-            if let Some(list) = self.subscribers.get_mut(&old) {
-                list.retain(|e| *e != (key, mid));
-                if list.is_empty() {
+            if let Some(fanout) = self.subscribers.get_mut(&old) {
+                fanout.subs.retain(|e| *e != (key, mid));
+                if fanout.subs.is_empty() {
                     self.subscribers.remove(&old);
                 }
             }
@@ -1137,7 +1161,11 @@ impl Worker {
                     worker: me,
                 },
             );
-            self.subscribers.entry(track).or_default().push((key, mid));
+            self.subscribers
+                .entry(track)
+                .or_default()
+                .subs
+                .push((key, mid));
             // Attaching asks the publisher for a keyframe.
             self.tell(worker, Msg::Attach { track, worker: me });
             return Ok(done);
@@ -1160,7 +1188,11 @@ impl Worker {
         };
         s.subscriptions.insert(mid, Subscription::new(item));
         s.remember(TrackSlot::Pulled(mid));
-        self.subscribers.entry(track).or_default().push((key, mid));
+        self.subscribers
+            .entry(track)
+            .or_default()
+            .subs
+            .push((key, mid));
         self.tell(
             source_worker,
             Msg::Attach {
