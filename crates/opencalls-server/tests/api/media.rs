@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use opencalls_testkit::{pump, ClientPeer};
+use opencalls_testkit::{pump, Api, ClientPeer};
 use str0m::format::Codec;
 use str0m::media::MediaKind;
 
@@ -102,12 +102,13 @@ fn push_pull_forwards_across_workers() {
     push_pull_forwards(2);
 }
 
-#[test]
-fn audio_fans_out_to_many_subscribers() {
-    let ts = TestServer::start(2);
-    let api = &ts.api;
-    let mut a = publish(api, &[MediaKind::Audio], "mic");
-    let mut subs: Vec<(ClientPeer, str0m::media::Mid)> = (0..3)
+/// `n` sessions pulling the publisher's first track, all connected (with the publisher).
+fn audio_subscribers(
+    api: &Api,
+    a: &mut Publisher,
+    n: usize,
+) -> Vec<(ClientPeer, str0m::media::Mid)> {
+    let mut subs: Vec<(ClientPeer, str0m::media::Mid)> = (0..n)
         .map(|_| {
             let s = api.new_session();
             let mut p = ClientPeer::new();
@@ -115,13 +116,20 @@ fn audio_fans_out_to_many_subscribers() {
             (p, mids[0])
         })
         .collect();
-    {
-        let mut all: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
-        all.push(&mut a.peer);
-        assert!(pump(&mut all, Duration::from_secs(5), |p| p
-            .iter()
-            .all(|c| c.connected)));
-    }
+    let mut all: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
+    all.push(&mut a.peer);
+    assert!(pump(&mut all, Duration::from_secs(5), |p| p
+        .iter()
+        .all(|c| c.connected)));
+    subs
+}
+
+#[test]
+fn audio_fans_out_to_many_subscribers() {
+    let ts = TestServer::start(2);
+    let api = &ts.api;
+    let mut a = publish(api, &[MediaKind::Audio], "mic");
+    let mut subs = audio_subscribers(api, &mut a, 3);
     let pt = a.peer.pt(Codec::Opus);
     let mut others: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
     let sent = stream(&mut a.peer, &mut others, a.mids[0], pt, 10, 40);
@@ -153,21 +161,7 @@ fn a_burst_keeps_its_order_across_both_ways_out() {
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Audio], "mic");
-    let mut subs: Vec<(ClientPeer, str0m::media::Mid)> = (0..2)
-        .map(|_| {
-            let s = api.new_session();
-            let mut p = ClientPeer::new();
-            let mids = pull(api, &s, &mut p, &[(&a.session, &a.names[0])]);
-            (p, mids[0])
-        })
-        .collect();
-    {
-        let mut all: Vec<&mut ClientPeer> = subs.iter_mut().map(|(p, _)| p).collect();
-        all.push(&mut a.peer);
-        assert!(pump(&mut all, Duration::from_secs(5), |p| p
-            .iter()
-            .all(|c| c.connected)));
-    }
+    let mut subs = audio_subscribers(api, &mut a, 2);
     let pt = a.peer.pt(Codec::Opus);
     let before = egress_rtp(&ts);
     // Groups of 10 (the test clients read one datagram per step), then a burst of 40 around
