@@ -211,9 +211,11 @@ impl History {
     }
 }
 
-/// Payloads kept per track and worker for its subscribers' retransmissions: more than a
-/// [`HISTORY_LEN`] of each of up to three simulcast layers.
-const RECENT_LEN: usize = 2048;
+/// Payloads kept per track and worker for its subscribers' retransmissions: the last
+/// [`HISTORY_LEN`] of the track (~2.7 s of 1.5 Mbit/s video; spread over its simulcast
+/// layers, still more than a NACK round trip). Every payload held costs its size for that
+/// long: 2048 held 2.3 MB per video track.
+const RECENT_LEN: usize = HISTORY_LEN;
 
 /// The payloads one track's subscribers on a worker were recently sent, held once for all
 /// of them (each subscriber's [`History`] names them by index): one reference per packet,
@@ -238,7 +240,7 @@ impl Recent {
 
     /// The payload a [`Sent`] names, if still kept.
     pub fn get(&self, sent: &Sent) -> Option<&Arc<[u8]>> {
-        // RECENT_LEN divides 2^32, so the low 32 bits find the slot.
+        // RECENT_LEN (a power of two) divides 2^32, so the low 32 bits find the slot.
         let (index, payload) = self.slots.get(sent.packet as usize % RECENT_LEN)?;
         (*index as u32 == sent.packet).then_some(payload.as_ref()?)
     }
