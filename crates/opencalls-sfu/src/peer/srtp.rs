@@ -1,7 +1,9 @@
 //! Our own SRTP sender for the AEAD-AES-GCM profiles (RFC 7714), beside str0m's.
 //!
-//! Used by the audio egress path (see `Peer::audio_egress`): packets str0m never sees are
-//! protected here with the same session keys str0m derives for its own sending context.
+//! Used by the egress path (see `Peer::egress_stream`): packets str0m never sees (audio,
+//! video and their retransmissions) are protected here with the same session keys str0m
+//! derives for its own sending context, through aws-lc-rs (the AES-GCM str0m's own SRTP
+//! uses). The remote's SRTCP is opened here too, to read NACKs (`Opener`).
 //! Sharing the keys is safe because the SRTP index of an RTP packet is its extended
 //! sequence number, the forwarder chooses every one, and each is protected by exactly one of
 //! the two senders: no (key, IV) pair ever seals two different packets.
