@@ -46,8 +46,9 @@ struct Cli {
     #[arg(long)]
     burst: bool,
     /// Media on 127.0.0.1 instead of the namespace's veth address (opencalls and raw only,
-    /// `all` means those two: Janus gathers no loopback candidates). A cross-check: sends to a local veth address
-    /// cost every target about 1.4 µs more per packet in the kernel (uncached route).
+    /// `all` means those two: Janus gathers no loopback candidates). A cross-check: sends
+    /// to a local veth address cost every target about 1.4 µs more per packet in the
+    /// kernel (uncached route).
     #[arg(long)]
     loopback: bool,
     /// One JSON object per line and step.

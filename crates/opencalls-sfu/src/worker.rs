@@ -224,7 +224,6 @@ impl MediaPlane {
                         egress_due: Vec::new(),
                         nacks: Vec::new(),
                         pending: Vec::new(),
-                        run: Vec::new(),
                         kept: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
@@ -273,6 +272,9 @@ struct Fanout {
     subs: Vec<(SessionKey, Mid)>,
     recent: Recent,
 }
+
+/// A packet waiting for delivery to this worker's subscribers of a track.
+type Pending = (TrackKey, Arc<Forwarded>);
 
 /// A packet on its way from a publication to subscribers on one worker.
 #[derive(Debug)]
@@ -340,9 +342,7 @@ struct Worker {
     nacks: Vec<(Mid, u16)>,
     /// Packets for this worker's subscribers, delivered per track at the next flush (a
     /// subscriber's state is then visited once per input batch, not once per packet).
-    pending: Vec<(TrackKey, Arc<Forwarded>)>,
-    /// Scratch: one track's run of `pending`.
-    run: Vec<Arc<Forwarded>>,
+    pending: Vec<Pending>,
     /// Scratch: where each packet of the run sits in the track's `Recent`, once kept.
     kept: Vec<Option<u64>>,
     deferred_keyframes: FxHashSet<TrackKey>,
@@ -797,22 +797,15 @@ impl Worker {
         let mut pending = std::mem::take(&mut self.pending);
         // Stable: each track's packets keep their order.
         pending.sort_by_key(|(track, _)| *track);
-        let mut run = std::mem::take(&mut self.run);
-        let mut rest = &pending[..];
-        while let Some(&(track, _)) = rest.first() {
-            let len = rest.iter().take_while(|(t, _)| *t == track).count();
-            run.extend(rest[..len].iter().map(|(_, p)| p.clone()));
-            self.deliver(track, &run, now);
-            run.clear();
-            rest = &rest[len..];
+        for run in pending.chunk_by(|a, b| a.0 == b.0) {
+            self.deliver(run[0].0, run, now);
         }
         pending.clear();
         self.pending = pending;
-        self.run = run;
     }
 
-    /// Fans `packets` (in order, one track's) out to this worker's subscribers of `track`.
-    fn deliver(&mut self, track: TrackKey, packets: &[Arc<Forwarded>], now: Instant) {
+    /// Fans `packets` (in order, all of `track`) out to this worker's subscribers of it.
+    fn deliver(&mut self, track: TrackKey, packets: &[Pending], now: Instant) {
         let Some(fanout) = self.subscribers.get_mut(&track) else {
             return;
         };
@@ -854,7 +847,7 @@ impl Worker {
         &mut self,
         key: SessionKey,
         mid: Mid,
-        (packets, kept): (&[Arc<Forwarded>], &mut [Option<u64>]),
+        (packets, kept): (&[Pending], &mut [Option<u64>]),
         recent: &mut Recent,
         now: Instant,
     ) -> Delivered {
@@ -864,7 +857,7 @@ impl Worker {
         let Some(sub) = s.subscriptions.get_mut(&mid) else {
             return Delivered::All;
         };
-        for (i, packet) in packets.iter().enumerate() {
+        for (i, (_, packet)) in packets.iter().enumerate() {
             let Some(codec) = packet.codec else {
                 continue;
             };
@@ -1098,12 +1091,7 @@ impl Worker {
         }
         sub.open = false;
         let (track, source_worker) = (sub.source, sub.source_worker);
-        if let Some(fanout) = self.subscribers.get_mut(&track) {
-            fanout.subs.retain(|e| *e != (key, mid));
-            if fanout.subs.is_empty() {
-                self.subscribers.remove(&track);
-            }
-        }
+        self.unlink_subscriber(track, key, mid);
         self.tell(
             source_worker,
             Msg::Detach {
@@ -1112,6 +1100,17 @@ impl Worker {
             },
         );
         true
+    }
+
+    /// Takes subscription `(key, mid)` off `track`'s fan-out; the fan-out (and the payloads
+    /// it kept) goes with its last subscriber.
+    fn unlink_subscriber(&mut self, track: TrackKey, key: SessionKey, mid: Mid) {
+        if let Some(fanout) = self.subscribers.get_mut(&track) {
+            fanout.subs.retain(|e| *e != (key, mid));
+            if fanout.subs.is_empty() {
+                self.subscribers.remove(&track);
+            }
+        }
     }
 
     /// Re-points a pulled m-line and/or changes its simulcast layer (`tracks/update`).
@@ -1147,12 +1146,7 @@ impl Worker {
                 source_session_id: sub.source_session_id.clone(),
                 track_name: sub.track_name.clone(),
             };
-            if let Some(fanout) = self.subscribers.get_mut(&old) {
-                fanout.subs.retain(|e| *e != (key, mid));
-                if fanout.subs.is_empty() {
-                    self.subscribers.remove(&old);
-                }
-            }
+            self.unlink_subscriber(old, key, mid);
             let me = self.index;
             self.tell(
                 old_worker,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use opencalls_server::config::ServeConfig;
 use opencalls_server::Server;
-use opencalls_testkit::{pump, Api, ClientPeer};
+use opencalls_testkit::{pump, Api, ClientPeer, Received};
 use serde_json::{json, Value};
 use str0m::media::{MediaKind, Mid};
 
@@ -200,4 +200,13 @@ pub fn subscribe_connected(
         "subscriber connects"
     );
     (session, peer, mids)
+}
+
+/// Packets received in order, none missing, continuously numbered, `ticks` of RTP time
+/// apart.
+pub fn assert_continuous(got: &[&Received], ticks: u32) {
+    for w in got.windows(2) {
+        assert_eq!(w[1].seq, w[0].seq + 1, "in order, none lost");
+        assert_eq!(w[1].rtp_time.wrapping_sub(w[0].rtp_time), ticks);
+    }
 }
