@@ -17,6 +17,7 @@ mod peer;
 mod raw;
 mod raw_client;
 mod rtp;
+mod rx;
 mod storm;
 mod sys;
 mod world;
@@ -51,6 +52,11 @@ struct Cli {
     /// kernel (uncached route).
     #[arg(long)]
     loopback: bool,
+    /// Also report latency to the kernel's queueing of each datagram on the subscriber's
+    /// socket (`SO_TIMESTAMPNS`): `p50_socket_ms`/`p99_socket_ms`, the generator's reading
+    /// taken out. `p50_ms`/`p99_ms` stay latency to the generator's read.
+    #[arg(long)]
+    socket_times: bool,
     /// One JSON object per line and step.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -90,6 +96,7 @@ fn main() -> anyhow::Result<()> {
     // no loopback candidates, so media uses a veth address that exists only in there).
     janus::reexec_in_netns(janus::NETNS_IP, Duration::from_secs(3600))?;
     let scenario = Scenario::parse(&cli.scenario)?;
+    rx::set_socket_times(cli.socket_times);
     if cli.loopback {
         anyhow::ensure!(
             cli.target != TargetArg::Janus,

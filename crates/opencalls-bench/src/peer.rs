@@ -34,6 +34,7 @@ pub struct BenchPeer {
     pub join_started: Instant,
     pub first_rtp: Option<Instant>,
     buf: Vec<u8>,
+    control: Vec<u8>,
     /// Send m-lines the remote asked a keyframe for (PLI/FIR), not yet served.
     keyframe_requests: Vec<Mid>,
 }
@@ -50,6 +51,7 @@ impl BenchPeer {
         let std_socket = crate::raw::bind_with_buffers(SocketAddr::new(ip, 0))?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket);
+        crate::rx::enable(&socket)?;
         let local = socket.local_addr()?;
         rtc.add_local_candidate(Candidate::host(local, "udp")?);
         Ok(BenchPeer {
@@ -66,6 +68,7 @@ impl BenchPeer {
             join_started: now,
             first_rtp: None,
             buf: vec![0; 2048],
+            control: crate::rx::control_buffer(),
         })
     }
 
@@ -147,7 +150,8 @@ impl BenchPeer {
 
     /// Reads everything the socket holds.
     pub fn read(&mut self, mut meter: Option<&mut Meter>) {
-        while let Ok((n, source)) = self.socket.recv_from(&mut self.buf) {
+        while let Some(d) = crate::rx::recv(&self.socket, &mut self.buf, &mut self.control) {
+            let (n, source) = (d.len, d.source);
             let now = Instant::now();
             if self.light && rtp::is_rtp(&self.buf[..n]) {
                 if self.first_rtp.is_none() {
@@ -157,8 +161,7 @@ impl BenchPeer {
                     meter.as_deref_mut(),
                     rtp::parse(&self.buf[..n], self.abs_id),
                 ) {
-                    let lat = cap.map(|c| rtp::ntp_delta_ms(c, rtp::ntp_now()));
-                    m.record(self.index, ssrc, seq, lat);
+                    m.record(self.index, ssrc, seq, cap.map(|sent| d.times(sent)));
                 }
                 continue;
             }

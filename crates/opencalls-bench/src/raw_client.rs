@@ -16,6 +16,7 @@ pub struct RawPeer {
     relay: SocketAddr,
     index: usize,
     buf: Vec<u8>,
+    control: Vec<u8>,
     groups: Vec<u32>,
     /// When the first media datagram arrived (join time).
     pub first_rtp: Option<Instant>,
@@ -23,15 +24,18 @@ pub struct RawPeer {
 
 impl RawPeer {
     pub fn new(index: usize, relay: SocketAddr) -> anyhow::Result<RawPeer> {
+        let socket = UdpSocket::from_std({
+            let s = crate::raw::bind_with_buffers(SocketAddr::new(relay.ip(), 0))?;
+            s.set_nonblocking(true)?;
+            s
+        });
+        crate::rx::enable(&socket)?;
         Ok(RawPeer {
-            socket: UdpSocket::from_std({
-                let s = crate::raw::bind_with_buffers(SocketAddr::new(relay.ip(), 0))?;
-                s.set_nonblocking(true)?;
-                s
-            }),
+            socket,
             relay,
             index,
             buf: vec![0; 2048],
+            control: crate::rx::control_buffer(),
             groups: Vec::new(),
             first_rtp: None,
         })
@@ -70,8 +74,8 @@ impl RawPeer {
     }
 
     pub fn read(&mut self, mut meter: Option<&mut Meter>) {
-        while let Ok((n, _)) = self.socket.recv_from(&mut self.buf) {
-            if n < 14 {
+        while let Some(d) = crate::rx::recv(&self.socket, &mut self.buf, &mut self.control) {
+            if d.len < 14 {
                 continue;
             }
             if self.first_rtp.is_none() {
@@ -82,12 +86,7 @@ impl RawPeer {
                 let group = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
                 let seq = u16::from_be_bytes([b[4], b[5]]);
                 let sent = u64::from_be_bytes(b[6..14].try_into().unwrap_or_default());
-                m.record(
-                    self.index,
-                    group,
-                    seq,
-                    Some(rtp::ntp_delta_ms(sent, rtp::ntp_now())),
-                );
+                m.record(self.index, group, seq, Some(d.times(sent)));
             }
         }
     }

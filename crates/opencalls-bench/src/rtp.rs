@@ -80,8 +80,22 @@ pub struct Meter {
     /// RTP packets received.
     pub packets: u64,
     streams: HashMap<(usize, u32), Stream>,
-    /// Added latency samples in ms.
-    pub latency_ms: Vec<f64>,
+    /// Added latency samples in ms: the publisher's send to the generator's read.
+    latency_ms: Vec<f64>,
+    /// The same packets' publisher's send to the kernel queueing them on the subscriber's
+    /// socket, when the sockets are stamped (`--socket-times`, rx.rs).
+    socket_latency_ms: Vec<f64>,
+}
+
+/// One received packet's times, NTP Q32.32.
+#[derive(Debug, Clone, Copy)]
+pub struct Times {
+    /// The publisher's send time carried in the packet.
+    pub sent: u64,
+    /// When the kernel queued it on the subscriber's socket, if stamped.
+    pub queued: Option<u64>,
+    /// When the generator read it.
+    pub read: u64,
 }
 
 #[derive(Default)]
@@ -95,7 +109,7 @@ struct Stream {
 
 impl Meter {
     /// Records one packet of stream `ssrc` at receiver `rx`.
-    pub fn record(&mut self, rx: usize, ssrc: u32, seq: u16, latency_ms: Option<f64>) {
+    pub fn record(&mut self, rx: usize, ssrc: u32, seq: u16, times: Option<Times>) {
         self.packets += 1;
         let s = self.streams.entry((rx, ssrc)).or_default();
         if s.first.is_some() && seq < 0x4000 && s.last16 > 0xC000 {
@@ -109,10 +123,13 @@ impl Meter {
         }
         s.max = s.max.max(ext);
         s.count += 1;
-        if let Some(l) = latency_ms {
+        if let Some(t) = times {
             // Keep memory bounded on long steps: every packet up to 200k, then 1 in 8.
             if self.latency_ms.len() < 200_000 || self.packets.is_multiple_of(8) {
-                self.latency_ms.push(l);
+                self.latency_ms.push(ntp_delta_ms(t.sent, t.read));
+                if let Some(q) = t.queued {
+                    self.socket_latency_ms.push(ntp_delta_ms(t.sent, q));
+                }
             }
         }
     }
@@ -132,15 +149,25 @@ impl Meter {
         (expected.saturating_sub(got)) as f64 / expected as f64
     }
 
-    /// A percentile of the latency samples.
+    /// A percentile of the added latency (to the generator's read).
     pub fn percentile(&mut self, p: f64) -> Option<f64> {
-        if self.latency_ms.is_empty() {
-            return None;
-        }
-        self.latency_ms.sort_by(|a, b| a.total_cmp(b));
-        let i = ((self.latency_ms.len() - 1) as f64 * p).round() as usize;
-        Some(self.latency_ms[i])
+        percentile(&mut self.latency_ms, p)
     }
+
+    /// A percentile of the latency to the kernel's queueing on the socket (if stamped).
+    pub fn socket_percentile(&mut self, p: f64) -> Option<f64> {
+        percentile(&mut self.socket_latency_ms, p)
+    }
+}
+
+/// The `p` percentile of `v` (sorts it).
+pub fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let i = ((v.len() - 1) as f64 * p).round() as usize;
+    Some(v[i])
 }
 
 #[cfg(test)]

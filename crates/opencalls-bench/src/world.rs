@@ -13,7 +13,7 @@ use str0m::format::Codec;
 use str0m::media::{MediaKind, Mid};
 
 use crate::peer::BenchPeer;
-use crate::rtp::Meter;
+use crate::rtp::{percentile, Meter};
 use crate::storm::{Joining, Storm};
 use crate::sys;
 
@@ -172,6 +172,8 @@ pub struct StepResult {
     pub loss: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
+    /// p50/p99 to the kernel's queueing on the subscriber's socket (`--socket-times`, rx.rs).
+    pub socket_ms: Option<(f64, f64)>,
     pub rss_mb: f64,
     pub sessions: usize,
     pub subscribed_tracks: usize,
@@ -216,6 +218,7 @@ impl StepResult {
             "out_pps_per_core": round(self.out_pps_per_core()), "ratio_to_raw": ratio.map(round3),
             "cpu_us_per_packet": us_per_pkt.map(round3),
             "loss": round6(self.loss), "p50_ms": self.p50_ms.map(round3), "p99_ms": self.p99_ms.map(round3),
+            "p50_socket_ms": self.socket_ms.map(|r| round3(r.0)), "p99_socket_ms": self.socket_ms.map(|r| round3(r.1)),
             "rss_mb": round3(self.rss_mb), "valid": self.valid(), "generator_busy": round3(self.generator_busy),
             "sessions": self.sessions, "subscribed_tracks": self.subscribed_tracks,
             "join_p50_ms": self.join_p50_ms.map(round3), "join_p99_ms": self.join_p99_ms.map(round3),
@@ -237,14 +240,6 @@ fn round3(x: f64) -> f64 {
 }
 fn round6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
-}
-
-fn percentile(v: &mut [f64], p: f64) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    Some(v[((v.len() - 1) as f64 * p).round() as usize])
 }
 
 /// Joins Janus as a subscriber to `feed`. Janus lists a feed only once its side of the
@@ -781,6 +776,9 @@ impl Media {
             loss: meter.loss(),
             p50_ms: meter.percentile(0.5),
             p99_ms: meter.percentile(0.99),
+            socket_ms: meter
+                .socket_percentile(0.5)
+                .zip(meter.socket_percentile(0.99)),
             rss_mb: sys::rss_mb(server_pid),
             sessions: self.sessions,
             subscribed_tracks: self.subscribed_tracks,
@@ -1061,6 +1059,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         loss: 0.0,
         p50_ms: percentile(&mut lat, 0.5),
         p99_ms: percentile(&mut lat, 0.99),
+        socket_ms: None,
         rss_mb: sys::rss_mb(server.id()),
         sessions: 2 * step.n,
         subscribed_tracks: 0,
