@@ -40,6 +40,13 @@ use crate::timers::Timers;
 
 const WAKER: Token = Token(usize::MAX);
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// How late a worker with nothing to read may wake for a future str0m deadline or
+/// housekeeping. Those deadlines are RTCP reports, feedback and keepalives, none of which
+/// needs millisecond precision; with the slack most of them run in a turn that datagrams
+/// woke anyway instead of waking the thread on their own (each wakeup of an idle core costs
+/// far more than the work it does). Due-now work (a session str0m must run for a packet
+/// just written) never waits for it.
+const TIMER_SLACK: Duration = Duration::from_millis(5);
 
 /// Where a worker listens.
 #[derive(Debug, Clone)]
@@ -405,6 +412,16 @@ fn end_to_end(ext: &ExtensionValues) -> ExtensionValues {
     }
 }
 
+/// How long a worker with nothing left to read waits for its next `deadline`: not at all
+/// when it is due, else until TIMER_SLACK after it.
+fn poll_wait(now: Instant, deadline: Instant) -> Duration {
+    if deadline <= now {
+        Duration::ZERO
+    } else {
+        (deadline + TIMER_SLACK) - now
+    }
+}
+
 impl Worker {
     fn run(mut self) {
         use std::os::fd::AsRawFd;
@@ -423,7 +440,7 @@ impl Worker {
             let wait = if unread {
                 Duration::ZERO
             } else {
-                deadline.saturating_duration_since(now)
+                poll_wait(now, deadline)
             };
             if let Err(e) = self.poll.poll(&mut events, Some(wait)) {
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -1637,4 +1654,24 @@ pub fn random_hex(n: usize) -> String {
     }
     s.truncate(n);
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_work_runs_at_once_and_future_deadlines_wait_for_the_slack() {
+        let now = Instant::now();
+        assert_eq!(poll_wait(now, now), Duration::ZERO);
+        assert_eq!(
+            poll_wait(now, now - Duration::from_millis(3)),
+            Duration::ZERO
+        );
+        let later = now + Duration::from_millis(20);
+        assert_eq!(
+            poll_wait(now, later),
+            Duration::from_millis(20) + TIMER_SLACK
+        );
+    }
 }
