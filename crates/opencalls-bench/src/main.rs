@@ -57,6 +57,12 @@ struct Cli {
     /// taken out. `p50_ms`/`p99_ms` stay latency to the generator's read.
     #[arg(long)]
     socket_times: bool,
+    /// The generator sleeps on a 1 ms timer and then polls its sockets, instead of sleeping
+    /// until one is readable, so deliveries never wake it (the server's core pays for every
+    /// such wakeup on loopback, which remote receivers never cost). Implies --socket-times;
+    /// p50_ms/p99_ms are then at the socket. An experiment: every other run reads on wakeup.
+    #[arg(long)]
+    timer_reads: bool,
     /// One JSON object per line and step.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -97,6 +103,7 @@ fn main() -> anyhow::Result<()> {
     janus::reexec_in_netns(janus::NETNS_IP, Duration::from_secs(3600))?;
     let scenario = Scenario::parse(&cli.scenario)?;
     rx::set_socket_times(cli.socket_times);
+    rx::set_timer_reads(cli.timer_reads);
     if cli.loopback {
         anyhow::ensure!(
             cli.target != TargetArg::Janus,
@@ -174,6 +181,7 @@ fn main() -> anyhow::Result<()> {
             let mut line = r.to_json(scenario, i, target, step, ratio);
             line["sending"] = json!(sending.name());
             line["media_ip"] = json!(world::media_ip().to_string());
+            line["reads"] = json!(if rx::timer_reads() { "timer" } else { "wakeup" });
             eprintln!("  {line}");
             writeln!(out, "{line}")?;
             out.flush()?;

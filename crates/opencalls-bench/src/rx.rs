@@ -23,6 +23,29 @@ use nix::sys::socket::{
 use nix::sys::time::TimeSpec;
 
 static SOCKET_TIMES: AtomicBool = AtomicBool::new(false);
+static TIMER_READS: AtomicBool = AtomicBool::new(false);
+
+/// With `--timer-reads`, how long the generator sleeps at most between looks at its sockets.
+pub const TIMER_READ_TICK: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// `--timer-reads`: the generator sleeps on a timer (at most [`TIMER_READ_TICK`]) and then
+/// collects what arrived with a zero-timeout poll, instead of sleeping in epoll. A datagram
+/// delivered to a socket then finds nobody to wake, so the sending core (the server's, on
+/// loopback) no longer pays for waking the generator, which a deployment with remote
+/// receivers never pays either. Read times then carry up to a tick of the generator's
+/// sleep, so it implies `--socket-times` and the step's `p50_ms`/`p99_ms` come from the
+/// kernel's stamps.
+pub fn set_timer_reads(on: bool) {
+    TIMER_READS.store(on, Ordering::Relaxed);
+    if on {
+        set_socket_times(true);
+    }
+}
+
+/// Whether `--timer-reads` is on.
+pub fn timer_reads() -> bool {
+    TIMER_READS.load(Ordering::Relaxed)
+}
 
 /// Whether client sockets ask for kernel receive times (`--socket-times`).
 pub fn set_socket_times(on: bool) {

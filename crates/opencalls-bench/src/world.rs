@@ -232,6 +232,16 @@ impl StepResult {
     }
 }
 
+/// The step's added latency percentile: at the generator's read, or at the socket with
+/// `--timer-reads` (reads then wait for the generator's tick).
+fn latency(meter: &mut Meter, p: f64) -> Option<f64> {
+    if crate::rx::timer_reads() {
+        meter.socket_percentile(p)
+    } else {
+        meter.percentile(p)
+    }
+}
+
 fn round(x: f64) -> f64 {
     x.round()
 }
@@ -723,7 +733,12 @@ impl Media {
             let wait = next
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(5));
-            let _ = self.poll.poll(&mut events, Some(wait));
+            if crate::rx::timer_reads() {
+                std::thread::sleep(wait.min(crate::rx::TIMER_READ_TICK));
+                let _ = self.poll.poll(&mut events, Some(Duration::ZERO));
+            } else {
+                let _ = self.poll.poll(&mut events, Some(wait));
+            }
             for ev in events.iter() {
                 match &mut self.peers[ev.token().0] {
                     Driver::Str0m(p) => p.read(meter.as_deref_mut()),
@@ -774,8 +789,8 @@ impl Media {
             server_busy_cores: sys::busy_between(s0, s1),
             generator_busy: sys::busy_between(g0, g1),
             loss: meter.loss(),
-            p50_ms: meter.percentile(0.5),
-            p99_ms: meter.percentile(0.99),
+            p50_ms: latency(&mut meter, 0.5),
+            p99_ms: latency(&mut meter, 0.99),
             socket_ms: meter
                 .socket_percentile(0.5)
                 .zip(meter.socket_percentile(0.99)),
