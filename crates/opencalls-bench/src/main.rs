@@ -63,6 +63,11 @@ struct Cli {
     /// p50_ms/p99_ms are then at the socket. An experiment: every other run reads on wakeup.
     #[arg(long)]
     timer_reads: bool,
+    /// Run each step this many times per target and keep the round with the median out pps
+    /// per core (each line lists every round's figure): this machine's spread between runs
+    /// is larger than most differences worth telling.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// One JSON object per line and step.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -155,9 +160,11 @@ fn main() -> anyhow::Result<()> {
                 i,
                 step.describe()
             );
-            let r = world::run_step(target, scenario, step, cli.quick, sending);
-            let r = match r {
-                Ok(r) => r,
+            let r = (0..cli.rounds.max(1))
+                .map(|_| world::run_step(target, scenario, step, cli.quick, sending))
+                .collect::<anyhow::Result<Vec<_>>>();
+            let (r, rounds) = match r {
+                Ok(rs) => median_round(rs),
                 Err(e) => {
                     eprintln!("  error: {e:#}");
                     let line = json!({
@@ -182,6 +189,15 @@ fn main() -> anyhow::Result<()> {
             line["sending"] = json!(sending.name());
             line["media_ip"] = json!(world::media_ip().to_string());
             line["reads"] = json!(if rx::timer_reads() { "timer" } else { "wakeup" });
+            if rounds.len() > 1 {
+                line["rounds"] = json!(rounds.len());
+                line["rounds_out_pps_per_core"] =
+                    json!(rounds.iter().map(|r| r.0.round()).collect::<Vec<_>>());
+                line["rounds_p99_ms"] = json!(rounds
+                    .iter()
+                    .map(|r| r.1.map(|p| (p * 1000.0).round() / 1000.0))
+                    .collect::<Vec<_>>());
+            }
             eprintln!("  {line}");
             writeln!(out, "{line}")?;
             out.flush()?;
@@ -200,4 +216,44 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Of several rounds of one step, the one with the median out pps per core (the lower middle
+/// for an even count), and every round's (out pps per core, p99) in the order they ran.
+fn median_round(mut rs: Vec<StepResult>) -> (StepResult, Vec<(f64, Option<f64>)>) {
+    let all = rs
+        .iter()
+        .map(|r| (r.out_pps_per_core(), r.p99_ms))
+        .collect();
+    rs.sort_by(|a, b| a.out_pps_per_core().total_cmp(&b.out_pps_per_core()));
+    let mid = (rs.len() - 1) / 2;
+    (rs.swap_remove(mid), all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(out_pps: f64, p99: f64) -> StepResult {
+        StepResult {
+            out_pps,
+            server_busy_cores: 0.5,
+            p99_ms: Some(p99),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_median_round_is_kept_and_every_round_is_listed_in_order() {
+        let (kept, all) = median_round(vec![step(300.0, 3.0), step(100.0, 1.0), step(200.0, 2.0)]);
+        assert_eq!(kept.out_pps, 200.0);
+        assert_eq!(
+            all,
+            vec![(600.0, Some(3.0)), (200.0, Some(1.0)), (400.0, Some(2.0))]
+        );
+        let (kept, _) = median_round(vec![step(400.0, 1.0), step(100.0, 1.0)]);
+        assert_eq!(kept.out_pps, 100.0, "the lower middle of an even count");
+        let (kept, all) = median_round(vec![step(50.0, 1.0)]);
+        assert_eq!((kept.out_pps, all.len()), (50.0, 1));
+    }
 }

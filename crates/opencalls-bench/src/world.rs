@@ -164,7 +164,7 @@ impl Target {
 }
 
 /// What one step measured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StepResult {
     pub out_pps: f64,
     pub server_busy_cores: f64,
