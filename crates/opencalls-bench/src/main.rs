@@ -268,7 +268,12 @@ mod tests {
         let (kept, all) = median_round(vec![step(50.0, 1.0)]);
         assert_eq!((kept.out_pps, all.len()), (50.0, 1));
         assert_eq!(
-            median_p99(&[(1.0, Some(9.0)), (2.0, None), (3.0, Some(2.0)), (4.0, Some(5.0))]),
+            median_p99(&[
+                (1.0, Some(9.0)),
+                (2.0, None),
+                (3.0, Some(2.0)),
+                (4.0, Some(5.0))
+            ]),
             Some(5.0)
         );
         assert_eq!(median_p99(&[(1.0, None)]), None);
