@@ -150,8 +150,8 @@ fn main() -> anyhow::Result<()> {
     } else {
         Sending::Paced
     };
-    let mut raw_results: Vec<Option<StepResult>> = vec![None; steps.len()];
-    let mut raw_p99: Vec<Option<f64>> = vec![None; steps.len()];
+    // The raw relay's result per step, with the p99 its knee test uses.
+    let mut raw_results: Vec<Option<(StepResult, Option<f64>)>> = vec![None; steps.len()];
     for target in targets {
         for (i, step) in steps.iter().enumerate() {
             eprintln!(
@@ -178,7 +178,7 @@ fn main() -> anyhow::Result<()> {
                     break;
                 }
             };
-            let raw = raw_results[i].as_ref();
+            let raw = raw_results[i].as_ref().map(|(r, _)| r);
             let ratio = match (target, raw) {
                 (Target::Raw, _) | (_, None) => None,
                 (_, Some(raw)) if raw.out_pps_per_core() > 0.0 => {
@@ -207,13 +207,12 @@ fn main() -> anyhow::Result<()> {
             let p99 = median_p99(&rounds).or(r.p99_ms);
             let knee = r.loss > 0.001
                 || r.join_failures > 0
-                || match (raw_p99[i], p99) {
+                || match (raw_results[i].as_ref().and_then(|(_, p)| *p), p99) {
                     (Some(raw), Some(p99)) => p99 > raw + 10.0,
                     _ => false,
                 };
             if target == Target::Raw {
-                raw_p99[i] = p99;
-                raw_results[i] = Some(r);
+                raw_results[i] = Some((r, p99));
             } else if knee {
                 eprintln!("  knee reached at step {i}");
                 break;

@@ -1119,6 +1119,15 @@ impl Worker {
         true
     }
 
+    /// Adds subscription `(key, mid)` to `track`'s fan-out on this worker.
+    fn link_subscriber(&mut self, track: TrackKey, key: SessionKey, mid: Mid) {
+        self.subscribers
+            .entry(track)
+            .or_default()
+            .subs
+            .push((key, mid));
+    }
+
     /// Takes subscription `(key, mid)` off `track`'s fan-out; the fan-out (and the payloads
     /// it kept) goes with its last subscriber.
     fn unlink_subscriber(&mut self, track: TrackKey, key: SessionKey, mid: Mid) {
@@ -1172,11 +1181,7 @@ impl Worker {
                     worker: me,
                 },
             );
-            self.subscribers
-                .entry(track)
-                .or_default()
-                .subs
-                .push((key, mid));
+            self.link_subscriber(track, key, mid);
             // Attaching asks the publisher for a keyframe.
             self.tell(worker, Msg::Attach { track, worker: me });
             return Ok(done);
@@ -1199,11 +1204,7 @@ impl Worker {
         };
         s.subscriptions.insert(mid, Subscription::new(item));
         s.remember(TrackSlot::Pulled(mid));
-        self.subscribers
-            .entry(track)
-            .or_default()
-            .subs
-            .push((key, mid));
+        self.link_subscriber(track, key, mid);
         self.tell(
             source_worker,
             Msg::Attach {
