@@ -640,38 +640,37 @@ impl Peer {
     }
 
     /// An RTX packet (RFC 4588) carrying a packet sent earlier on `stream` (its payload
-    /// type, sequence number, RTP time, marker and payload), sealed for the caller to send.
-    /// `None` unless the m-line's retransmissions are ours and the packet had the stream's
-    /// payload type.
-    pub fn seal_rtx(&mut self, stream: &EgressStream, sent: RtpRef<'_>) -> Option<Vec<u8>> {
-        let rtx_pt = stream.rtx_pt.filter(|_| sent.pt == stream.pt)?;
-        let (rtx_ssrc, next) = self.rtx.iter_mut().find_map(|(mid, r)| match r {
+    /// type, sequence number, RTP time, marker and payload), sealed and appended to `out`.
+    /// False (and `out` unchanged) unless the m-line's retransmissions are ours and the
+    /// packet had the stream's payload type.
+    pub fn seal_rtx(&mut self, out: &mut Vec<u8>, stream: &EgressStream, sent: RtpRef<'_>) -> bool {
+        let Some(rtx_pt) = stream.rtx_pt.filter(|_| sent.pt == stream.pt) else {
+            return false;
+        };
+        let Some((rtx_ssrc, next)) = self.rtx.iter_mut().find_map(|(mid, r)| match r {
             RtxSender::Us { rtx_ssrc, next, .. } if *mid == stream.mid => Some((*rtx_ssrc, next)),
             _ => None,
-        })?;
+        }) else {
+            return false;
+        };
         let index = *next;
-        let (sealer, _) = self.sealer.as_mut()?.as_mut()?;
-        let mut packet = Vec::with_capacity(12 + 8 + 2 + sent.payload.len() + srtp::TAG);
-        rtp_header(
-            &mut packet,
-            sent.marker,
-            rtx_pt,
-            index,
-            sent.rtp_time,
-            rtx_ssrc,
-        );
+        let Some((sealer, _)) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
+            return false;
+        };
+        let head = out.len();
+        rtp_header(out, sent.marker, rtx_pt, index, sent.rtp_time, rtx_ssrc);
         // The MID extension only (no extension values): the capture time belongs to the
         // first transmission.
-        write_extensions(&mut packet, stream, &ExtensionValues::default());
-        let mut body = Vec::with_capacity(2 + sent.payload.len());
-        body.extend_from_slice(&(sent.seq as u16).to_be_bytes());
-        body.extend_from_slice(sent.payload);
-        if !sealer.seal(&mut packet, rtx_ssrc, index, &body) {
-            return None;
+        write_extensions(out, head, stream, &ExtensionValues::default());
+        let body = out.len();
+        out.extend_from_slice(&(sent.seq as u16).to_be_bytes());
+        out.extend_from_slice(sent.payload);
+        if !sealer.seal(out, head, body, rtx_ssrc, index) {
+            return false;
         }
         // Used even if the caller drops the packet now: an index is sealed once.
         *next += 1;
-        Some(packet)
+        true
     }
 
     /// One SRTP packet for `stream`, sealed with our sending keys, for the caller to send
@@ -680,6 +679,7 @@ impl Peer {
     #[allow(clippy::too_many_arguments)] // one RTP packet's fields, as in write_rtp
     pub fn seal_rtp(
         &mut self,
+        out: &mut Vec<u8>,
         stream: &EgressStream,
         pt: u8,
         seq: u64,
@@ -687,14 +687,16 @@ impl Peer {
         marker: bool,
         ext: &ExtensionValues,
         payload: &[u8],
-    ) -> Option<Vec<u8>> {
-        let (sealer, _) = self.sealer.as_mut()?.as_mut()?;
-        let mut packet = Vec::with_capacity(12 + 28 + payload.len() + srtp::TAG);
-        rtp_header(&mut packet, marker, pt, seq, rtp_time, stream.ssrc);
-        write_extensions(&mut packet, stream, ext);
-        sealer
-            .seal(&mut packet, stream.ssrc, seq, payload)
-            .then_some(packet)
+    ) -> bool {
+        let Some((sealer, _)) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
+            return false;
+        };
+        let head = out.len();
+        rtp_header(out, marker, pt, seq, rtp_time, stream.ssrc);
+        write_extensions(out, head, stream, ext);
+        let body = out.len();
+        out.extend_from_slice(payload);
+        sealer.seal(out, head, body, stream.ssrc, seq)
     }
 
     /// Asks the remote for a keyframe on receiving m-line `mid`.
@@ -802,7 +804,12 @@ fn rtp_header(packet: &mut Vec<u8>, marker: bool, pt: u8, seq: u64, rtp_time: u3
 
 /// Appends the one-byte-header extension block (RFC 8285) for `stream`'s negotiated
 /// extensions, and sets the header's X bit, if any applies.
-fn write_extensions(packet: &mut Vec<u8>, stream: &EgressStream, ext: &ExtensionValues) {
+fn write_extensions(
+    packet: &mut Vec<u8>,
+    head: usize,
+    stream: &EgressStream,
+    ext: &ExtensionValues,
+) {
     let start = packet.len();
     packet.extend_from_slice(&[0xBE, 0xDE, 0, 0]);
     let (element, len) = &stream.mid_element;
@@ -834,5 +841,5 @@ fn write_extensions(packet: &mut Vec<u8>, stream: &EgressStream, ext: &Extension
     packet.resize(start + 4 + body.div_ceil(4) * 4, 0);
     let words = (body.div_ceil(4)) as u16;
     packet[start + 2..start + 4].copy_from_slice(&words.to_be_bytes());
-    packet[0] |= 0x10;
+    packet[head] |= 0x10;
 }

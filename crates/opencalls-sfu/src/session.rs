@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
+use crate::batch::Written;
 use crate::command::{PullItem, TrackKey, TrackState, WorkerIndex};
 use crate::forward::{History, KeyframePacer, SeqRewriter};
 use crate::peer::{CodecSpec, EgressStream, Kind, Mid, Peer, Rid};
@@ -142,19 +143,20 @@ pub(crate) struct Session {
     pub egress_out: EgressQueue,
 }
 
-/// A session's packets sealed beside str0m, waiting for the worker's flush.
+/// A session's packets sealed beside str0m (into the worker's outbox buffer), waiting for
+/// the worker's flush to queue them.
 #[derive(Debug, Default)]
-pub struct EgressQueue(Vec<Vec<u8>>);
+pub struct EgressQueue(Vec<Written>);
 
 impl EgressQueue {
     /// Queues a packet; true when it is the first of this batch (the session then needs a
     /// place on the worker's list of sessions to release).
-    pub fn push(&mut self, datagram: Vec<u8>) -> bool {
+    pub fn push(&mut self, datagram: Written) -> bool {
         self.0.push(datagram);
         self.0.len() == 1
     }
 
-    pub fn drain(&mut self) -> std::vec::Drain<'_, Vec<u8>> {
+    pub fn drain(&mut self) -> std::vec::Drain<'_, Written> {
         self.0.drain(..)
     }
 

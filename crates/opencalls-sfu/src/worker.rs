@@ -457,12 +457,16 @@ impl Worker {
             }
             let now = Instant::now();
             self.fire_timers(now);
-            if now >= next_housekeeping {
+            let housekeeping = now >= next_housekeeping;
+            if housekeeping {
                 self.housekeeping(now);
                 next_housekeeping = now + HOUSEKEEPING;
             }
             self.settle();
             self.flush();
+            if housekeeping {
+                self.outbox.trim();
+            }
         }
         let keys: Vec<SessionKey> = self.sessions.keys().copied().collect();
         for key in keys {
@@ -498,11 +502,13 @@ impl Worker {
         false
     }
 
-    /// Delivers pending packets and sends every queued datagram.
+    /// Delivers pending packets and sends every queued datagram. Every session's sealed
+    /// packets are queued by then, so the outbox's buffer is reused from the start.
     fn flush(&mut self) {
         self.deliver_pending();
         self.release_egress();
         flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+        self.outbox.recycle();
     }
 
     /// Queues the packets sealed beside str0m, one session after another.
@@ -524,7 +530,9 @@ impl Worker {
             return;
         };
         for d in s.egress_out.drain() {
-            self.outbox.push(sock, to, d);
+            if !self.outbox.queue(sock, to, d) {
+                incr(&self.stats.dropped_send);
+            }
             if self.outbox.is_full() {
                 flush_outbox(&mut self.outbox, &self.fds, &self.stats);
             }
@@ -597,7 +605,10 @@ impl Worker {
                 marker: sent.marker,
                 payload,
             };
-            if let Some(datagram) = s.peer.seal_rtx(stream, packet) {
+            let sealed = self
+                .outbox
+                .write(|buf| s.peer.seal_rtx(buf, stream, packet));
+            if let Some(datagram) = sealed {
                 incr(&self.stats.egress_rtx);
                 if s.egress_out.push(datagram) {
                     self.egress_due.push(key);
@@ -648,7 +659,7 @@ impl Worker {
                         // DTLS, SRTP and SRTCP go to the nominated pair only.
                         session.send_path = Some((sock, destination));
                     }
-                    self.outbox.push(sock, destination, contents);
+                    self.outbox.push(sock, destination, &contents);
                     if self.outbox.is_full() {
                         // `session` is borrowed: flush through the fields, not `self.flush()`.
                         flush_outbox(&mut self.outbox, &self.fds, &self.stats);
@@ -911,15 +922,19 @@ impl Worker {
             let beside = stream.filter(|_| s.send_path.is_some());
             if let Some(stream) = beside {
                 if sub.egress_run > 0 && sub.egress_run < EGRESS_STR0M_EVERY {
-                    if let Some(datagram) = s.peer.seal_rtp(
-                        stream,
-                        pt,
-                        seq,
-                        ts,
-                        packet.marker,
-                        &packet.ext,
-                        &packet.payload,
-                    ) {
+                    let sealed = self.outbox.write(|buf| {
+                        s.peer.seal_rtp(
+                            buf,
+                            stream,
+                            pt,
+                            seq,
+                            ts,
+                            packet.marker,
+                            &packet.ext,
+                            &packet.payload,
+                        )
+                    });
+                    if let Some(datagram) = sealed {
                         sub.egress_run += 1;
                         incr(&self.stats.forwarded_rtp);
                         incr(&self.stats.egress_rtp);

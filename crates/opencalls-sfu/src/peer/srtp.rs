@@ -124,29 +124,41 @@ impl Sealer {
         Aead::new(exported, provider, true, labels).map(Sealer)
     }
 
-    /// Appends `payload` sealed to `packet`, which holds the RTP header (the associated
-    /// data), and the tag after it. `index` is the packet's extended sequence number.
-    pub fn seal(&mut self, packet: &mut Vec<u8>, ssrc: u32, index: u64, payload: &[u8]) -> bool {
+    /// Seals, in place, the RTP packet that ends `buf`: `buf[head..body]` is its header
+    /// (the associated data), `buf[body..]` its payload, which is encrypted; the tag is
+    /// appended. `head` lets packets be sealed straight into a buffer shared with others
+    /// (the worker's outbox). `index` is the packet's extended sequence number. On failure
+    /// `buf` is cut back to `head`.
+    pub fn seal(
+        &mut self,
+        buf: &mut Vec<u8>,
+        head: usize,
+        body: usize,
+        ssrc: u32,
+        index: u64,
+    ) -> bool {
         // RFC 7714 §8.1: IV = salt XOR (00 00 || SSRC || ROC || SEQ).
         let mut counter = [0u8; 6];
         counter[..4].copy_from_slice(&((index >> 16) as u32).to_be_bytes());
         counter[4..].copy_from_slice(&(index as u16).to_be_bytes());
         let iv = self.0.iv(ssrc, counter);
-        let header = packet.len();
-        packet.extend_from_slice(payload);
-        let (aad, body) = packet.split_at_mut(header);
-        let nonce = Nonce::assume_unique_for_key(iv);
-        match self
-            .0
-            .key
-            .seal_in_place_separate_tag(nonce, Aad::from(&*aad), body)
-        {
-            Ok(tag) => {
-                packet.extend_from_slice(tag.as_ref());
+        let sealed = if head <= body && body <= buf.len() {
+            let (aad, payload) = buf[head..].split_at_mut(body - head);
+            let nonce = Nonce::assume_unique_for_key(iv);
+            self.0
+                .key
+                .seal_in_place_separate_tag(nonce, Aad::from(&*aad), payload)
+                .ok()
+        } else {
+            None
+        };
+        match sealed {
+            Some(tag) => {
+                buf.extend_from_slice(tag.as_ref());
                 true
             }
-            Err(_) => {
-                packet.truncate(header);
+            None => {
+                buf.truncate(head);
                 false
             }
         }
@@ -322,15 +334,25 @@ mod tests {
         let mut sealer = Sealer::new(&exported, provider()).expect("sealer");
         let header = [0x80u8, 111, 0, 1, 0, 0, 0, 0, 0, 0, 0, 9];
         let payload = [0x55u8; 40];
-        let mut a = header.to_vec();
-        assert!(sealer.seal(&mut a, 9, 1, &payload));
-        let mut b = header.to_vec();
-        assert!(sealer.seal(&mut b, 9, 1 + (1 << 16), &payload));
+        let packet = [&header[..], &payload[..]].concat();
+        let mut a = packet.clone();
+        assert!(sealer.seal(&mut a, 0, 12, 9, 1));
+        let mut b = packet.clone();
+        assert!(sealer.seal(&mut b, 0, 12, 9, 1 + (1 << 16)));
         assert_eq!(a.len(), 12 + 40 + TAG);
         assert_eq!(&a[..12], &header);
         assert_ne!(&a[12..52], &payload[..]);
         // Same sequence number, next roll-over: another IV, another ciphertext.
         assert_ne!(a[12..], b[12..]);
+        // Sealed behind other bytes (a shared buffer): the same packet, those bytes kept.
+        let mut shared = vec![7u8; 5];
+        shared.extend_from_slice(&packet);
+        assert!(sealer.seal(&mut shared, 5, 17, 9, 1));
+        assert_eq!((&shared[..5], &shared[5..]), (&[7u8; 5][..], &a[..]));
+        // A header range that does not fit leaves the buffer cut back to `head`.
+        let mut short = packet.clone();
+        assert!(!sealer.seal(&mut short, 3, 2, 9, 1));
+        assert_eq!(short, &packet[..3]);
     }
 
     /// RFC 7714 §16's AEAD_AES_128_GCM session key (given) and salt.
@@ -352,8 +374,8 @@ mod tests {
             "47616c6c 69612065 7374206f 6d6e6973 20646976 69736120 696e2070 61727465
              73207472 6573",
         );
-        let mut packet = header.clone();
-        assert!(sealer.seal(&mut packet, 0x5501a0b2, 0xf17b, &payload));
+        let mut packet = [&header[..], &payload[..]].concat();
+        assert!(sealer.seal(&mut packet, 0, header.len(), 0x5501a0b2, 0xf17b));
         let expected = hex(
             "8040f17b 8041f8d3 5501a0b2 f24de3a3 fb34de6c acba861c 9d7e4bca be633bd5
              0d294e6f 42a5f47a 51c7d19b 36de3adf 8833899d 7f27beb1 6a9152cf 765ee439
