@@ -661,7 +661,7 @@ impl Peer {
         rtp_header(out, sent.marker, rtx_pt, index, sent.rtp_time, rtx_ssrc);
         // The MID extension only (no extension values): the capture time belongs to the
         // first transmission.
-        write_extensions(out, head, stream, &ExtensionValues::default());
+        write_extensions(out, head, stream, None);
         let body = out.len();
         out.extend_from_slice(&(sent.seq as u16).to_be_bytes());
         out.extend_from_slice(sent.payload);
@@ -685,15 +685,16 @@ impl Peer {
         seq: u64,
         rtp_time: u32,
         marker: bool,
-        ext: &ExtensionValues,
+        abs_capture_time: Option<&CaptureTime>,
         payload: &[u8],
     ) -> bool {
         let Some((sealer, _)) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
             return false;
         };
         let head = out.len();
+        out.reserve(12 + 4 + 20 + payload.len() + srtp::TAG);
         rtp_header(out, marker, pt, seq, rtp_time, stream.ssrc);
-        write_extensions(out, head, stream, ext);
+        write_extensions(out, head, stream, abs_capture_time);
         let body = out.len();
         out.extend_from_slice(payload);
         sealer.seal(out, head, body, stream.ssrc, seq)
@@ -796,42 +797,64 @@ impl Peer {
 
 /// Appends a 12-byte RTP header (no CSRC).
 fn rtp_header(packet: &mut Vec<u8>, marker: bool, pt: u8, seq: u64, rtp_time: u32, ssrc: u32) {
-    packet.extend_from_slice(&[0x80, (u8::from(marker) << 7) | (pt & 0x7f)]);
-    packet.extend_from_slice(&(seq as u16).to_be_bytes());
-    packet.extend_from_slice(&rtp_time.to_be_bytes());
-    packet.extend_from_slice(&ssrc.to_be_bytes());
+    let mut header = [0u8; 12];
+    header[0] = 0x80;
+    header[1] = (u8::from(marker) << 7) | (pt & 0x7f);
+    header[2..4].copy_from_slice(&(seq as u16).to_be_bytes());
+    header[4..8].copy_from_slice(&rtp_time.to_be_bytes());
+    header[8..].copy_from_slice(&ssrc.to_be_bytes());
+    packet.extend_from_slice(&header);
 }
 
-/// Appends the one-byte-header extension block (RFC 8285) for `stream`'s negotiated
-/// extensions, and sets the header's X bit, if any applies.
-fn write_extensions(
-    packet: &mut Vec<u8>,
-    head: usize,
-    stream: &EgressStream,
-    ext: &ExtensionValues,
-) {
-    let start = packet.len();
-    packet.extend_from_slice(&[0xBE, 0xDE, 0, 0]);
-    let (element, len) = &stream.mid_element;
-    packet.extend_from_slice(&element[..*len]);
-    if let (Some(id), Some(act)) = (stream.abs_capture_time, &ext.abs_capture_time) {
+/// The abs-capture-time extension's value (after its one-byte element header), encoded once
+/// per forwarded packet: every subscriber's copy carries the same bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CaptureTime {
+    bytes: [u8; 16],
+    /// 8 (NTP time only) or 16 (with the estimated clock offset).
+    len: u8,
+}
+
+impl CaptureTime {
+    /// The value of `ext`'s abs-capture-time, if it has one: the capture time as 64-bit NTP
+    /// (UQ32.32 since 1900) and, if known, the sender's clock offset.
+    pub fn of(ext: &ExtensionValues) -> Option<CaptureTime> {
+        let act = ext.abs_capture_time.as_ref()?;
         let since = act
             .capture_time
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         let frac = (u64::from(since.subsec_nanos()) << 32) / 1_000_000_000;
         let ntp = ((since.as_secs() + 2_208_988_800) << 32) | frac;
-        match act.clock_offset {
+        let mut bytes = [0u8; 16];
+        bytes[..8].copy_from_slice(&ntp.to_be_bytes());
+        let len = match act.clock_offset {
             Some(offset) => {
-                packet.push((id << 4) | 15);
-                packet.extend_from_slice(&ntp.to_be_bytes());
-                packet.extend_from_slice(&offset.to_be_bytes());
+                bytes[8..].copy_from_slice(&offset.to_be_bytes());
+                16
             }
-            None => {
-                packet.push((id << 4) | 7);
-                packet.extend_from_slice(&ntp.to_be_bytes());
-            }
-        }
+            None => 8,
+        };
+        Some(CaptureTime { bytes, len })
+    }
+}
+
+/// Appends the one-byte-header extension block (RFC 8285) for `stream`'s negotiated
+/// extensions to the packet whose header starts at `head`, and sets the header's X bit, if
+/// any applies.
+fn write_extensions(
+    packet: &mut Vec<u8>,
+    head: usize,
+    stream: &EgressStream,
+    abs_capture_time: Option<&CaptureTime>,
+) {
+    let start = packet.len();
+    packet.extend_from_slice(&[0xBE, 0xDE, 0, 0]);
+    let (element, len) = &stream.mid_element;
+    packet.extend_from_slice(&element[..*len]);
+    if let (Some(id), Some(act)) = (stream.abs_capture_time, abs_capture_time) {
+        packet.push((id << 4) | (act.len - 1));
+        packet.extend_from_slice(&act.bytes[..usize::from(act.len)]);
     }
     let body = packet.len() - start - 4;
     if body == 0 {
@@ -842,4 +865,64 @@ fn write_extensions(
     let words = (body.div_ceil(4)) as u16;
     packet[start + 2..start + 4].copy_from_slice(&words.to_be_bytes());
     packet[head] |= 0x10;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capture_time_is_encoded_once_as_ntp_and_written_after_the_mid() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let ext = |offset| ExtensionValues {
+            abs_capture_time: Some(str0m::rtp::AbsCaptureTime {
+                capture_time: UNIX_EPOCH + Duration::from_millis(1_500),
+                clock_offset: offset,
+            }),
+            ..Default::default()
+        };
+        // 1.5 s after 1970: seconds since 1900 in the high half, one half in the low.
+        let ntp = ((1u64 + 2_208_988_800) << 32) | 0x8000_0000;
+        let with = CaptureTime::of(&ext(Some(-2))).expect("value");
+        assert_eq!(usize::from(with.len), 16);
+        assert_eq!(with.bytes[..8], ntp.to_be_bytes());
+        assert_eq!(with.bytes[8..], (-2i64).to_be_bytes());
+        let without = CaptureTime::of(&ext(None)).expect("value");
+        assert_eq!(usize::from(without.len), 8);
+        assert_eq!(CaptureTime::of(&ExtensionValues::default()), None);
+
+        let mut mid_element = ([0u8; 17], 2);
+        mid_element.0[..2].copy_from_slice(&[(1 << 4), b'7']);
+        let stream = EgressStream {
+            mid: Mid::from("7"),
+            ssrc: 9,
+            pt: 96,
+            abs_capture_time: Some(3),
+            mid_element,
+            rtx_pt: None,
+        };
+        // Behind other bytes (the outbox's buffer): the X bit goes on this packet's header.
+        let mut buf = vec![0xAA; 3];
+        rtp_header(&mut buf, true, 96, 0x1_0005, 1234, 9);
+        write_extensions(&mut buf, 3, &stream, Some(&without));
+        assert_eq!(buf[..3], [0xAA; 3]);
+        assert_eq!(buf[3], 0x90, "version 2, X set");
+        assert_eq!(buf[4], 0x80 | 96);
+        assert_eq!(buf[5..7], 5u16.to_be_bytes());
+        assert_eq!(buf[15..19], [0xBE, 0xDE, 0, 3], "three words of elements");
+        assert_eq!(buf[19..21], [0x10, b'7']);
+        assert_eq!(buf[21], (3 << 4) | 7);
+        assert_eq!(buf[22..30], ntp.to_be_bytes());
+        assert_eq!(buf[30..], [0], "padded to a word");
+        // Neither MID nor capture time negotiated: no block, no X bit.
+        let bare = EgressStream {
+            abs_capture_time: None,
+            mid_element: ([0u8; 17], 0),
+            ..stream
+        };
+        let mut buf = Vec::new();
+        rtp_header(&mut buf, false, 96, 1, 1, 9);
+        write_extensions(&mut buf, 0, &bare, Some(&with));
+        assert_eq!((buf.len(), buf[0]), (12, 0x80));
+    }
 }

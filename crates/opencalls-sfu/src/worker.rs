@@ -31,8 +31,8 @@ use crate::batch::{Inbox, Outbox};
 use crate::command::*;
 use crate::forward::Recent;
 use crate::peer::{
-    CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput, Rid,
-    RtpRef,
+    CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
+    PeerOutput, Rid, RtpRef,
 };
 use crate::session::{Publication, Session, Subscription, TrackSlot};
 use crate::stun;
@@ -292,6 +292,8 @@ struct Forwarded {
     rtp_time: u32,
     marker: bool,
     ext: ExtensionValues,
+    /// `ext`'s capture time as our egress path writes it.
+    abs_capture_time: Option<CaptureTime>,
     payload: Arc<[u8]>,
 }
 
@@ -785,6 +787,7 @@ impl Worker {
                     rtp_time: p.rtp_time,
                     marker: p.marker,
                     ext: end_to_end(&p.ext),
+                    abs_capture_time: CaptureTime::of(&p.ext),
                     payload: p.payload,
                 });
                 for i in 0..publication.fanout.len() {
@@ -930,7 +933,7 @@ impl Worker {
                             seq,
                             ts,
                             packet.marker,
-                            &packet.ext,
+                            packet.abs_capture_time.as_ref(),
                             &packet.payload,
                         )
                     });
