@@ -673,9 +673,10 @@ impl Peer {
         true
     }
 
-    /// One SRTP packet for `stream`, sealed with our sending keys, for the caller to send
-    /// to the peer's address. `seq` is the extended sequence number: the SRTP index, so the
-    /// caller must never hand the same one to str0m as well.
+    /// One SRTP packet for `stream`, sealed with our sending keys and appended to `out`, for
+    /// the caller to send to the peer's address; false (and `out` unchanged) without keys of
+    /// ours. `seq` is the extended sequence number: the SRTP index, so the caller must never
+    /// hand the same one to str0m as well.
     #[allow(clippy::too_many_arguments)] // one RTP packet's fields, as in write_rtp
     pub fn seal_rtp(
         &mut self,
