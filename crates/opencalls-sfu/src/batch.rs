@@ -364,8 +364,7 @@ mod tests {
 
     #[test]
     fn a_batch_goes_out_and_comes_back_in() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let [a, b] = loopback();
         let to = b.local_addr().unwrap();
         let mut out = Outbox::new();
         for i in 0..(BATCH + 5) {
@@ -392,9 +391,7 @@ mod tests {
 
     #[test]
     fn equal_sized_runs_to_one_destination_arrive_as_separate_datagrams_in_order() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let [a, b, c] = loopback();
         let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
         let mut out = Outbox::new();
         // A "frame" of five equal packets and a shorter last one, then another frame that
@@ -425,6 +422,11 @@ mod tests {
         assert_eq!(recv_all(&c, 1), vec![vec![9u8; 30]]);
     }
 
+    /// `N` sockets bound to loopback ports the OS picks.
+    fn loopback<const N: usize>() -> [std::net::UdpSocket; N] {
+        std::array::from_fn(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+    }
+
     fn recv_all(sock: &std::net::UdpSocket, n: usize) -> Vec<Vec<u8>> {
         sock.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();
@@ -439,9 +441,7 @@ mod tests {
 
     #[test]
     fn datagrams_written_apart_leave_as_one_run_after_others_queued_for_their_destination() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let [a, b, c] = loopback();
         let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
         let mut out = Outbox::new();
         // Sealed session by session, as the worker does: b's and c's packets alternate in
@@ -491,8 +491,7 @@ mod tests {
 
     #[test]
     fn a_written_datagram_outlives_a_flush_but_not_the_buffers_reuse() {
-        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let [a, b] = loopback();
         let to = b.local_addr().unwrap();
         let mut out = Outbox::new();
         let w = |byte: u8| {

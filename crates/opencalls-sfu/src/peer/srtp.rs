@@ -362,10 +362,7 @@ mod tests {
         // implementation. Same key, IV and associated data: str0m's aws-lc cipher must open it.
         let key: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
         let salt: [u8; 12] = std::array::from_fn(|i| 0xa0 ^ i as u8);
-        let mut sealer = Sealer(Aead {
-            key: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap()),
-            salt,
-        });
+        let mut sealer = Sealer(aead(&AES_256_GCM, &key, salt));
         let header = hex("80e1abcd 0001e240 11223344");
         let payload: Vec<u8> = (0..1100u32).map(|i| (i * 31) as u8).collect();
         let mut packet = [&header[..], &payload[..]].concat();
@@ -380,12 +377,21 @@ mod tests {
         assert_eq!(&plain[..n], &payload[..]);
     }
 
+    /// An `Aead` from a session key and salt given directly (no derivation).
+    fn aead(algorithm: &'static ring::aead::Algorithm, key: &[u8], salt: [u8; GCM_SALT]) -> Aead {
+        Aead {
+            key: LessSafeKey::new(UnboundKey::new(algorithm, key).unwrap()),
+            salt,
+        }
+    }
+
     /// RFC 7714 §16's AEAD_AES_128_GCM session key (given) and salt.
     fn rfc_7714_aead(key: &[u8; 16]) -> Aead {
-        Aead {
-            key: LessSafeKey::new(UnboundKey::new(&AES_128_GCM, key).unwrap()),
-            salt: hex("517569642070726f2071756f").try_into().unwrap(),
-        }
+        aead(
+            &AES_128_GCM,
+            key,
+            hex("517569642070726f2071756f").try_into().unwrap(),
+        )
     }
 
     #[test]
