@@ -117,10 +117,12 @@ struct Queued {
 /// beside str0m are sealed in place there (no buffer per packet, no copy into a send
 /// buffer), str0m's datagrams are copied in. A send is a list of parts of that buffer.
 /// A subscriber's packets leave back to back, all to one address and, for a video frame,
-/// all the same size but the last: such runs become one GSO send (one `sendmsg` with a part
-/// per segment), which costs the kernel about one datagram's send path instead of one per
-/// packet. If the kernel refuses GSO (an old kernel or a device without checksum offload),
-/// the outbox says so once and sends datagrams one by one from then on.
+/// all the same size but the last: such runs become one GSO message (a part per segment),
+/// which costs the kernel about one datagram's send path instead of one per packet. Runs
+/// and single datagrams go out together, up to `QUEUED` messages per `sendmmsg`, as long as
+/// they can share one segment size (in a meeting, every subscriber's video runs can). If
+/// the kernel refuses GSO (an old kernel or a device without checksum offload), the outbox
+/// says so once and sends datagrams one by one from then on.
 pub(crate) struct Outbox {
     buf: Vec<u8>,
     /// Bumped whenever `buf` is reused; a `Written` of another generation is stale.
@@ -131,6 +133,8 @@ pub(crate) struct Outbox {
     parts: Vec<(usize, usize)>,
     queue: Vec<Queued>,
     headers: MultiHeaders<SockaddrStorage>,
+    /// The same, with room for one `UDP_SEGMENT` control message per datagram.
+    gso_headers: MultiHeaders<SockaddrStorage>,
     gso: bool,
 }
 
@@ -143,6 +147,7 @@ impl Outbox {
             parts: Vec::with_capacity(QUEUED * 4),
             queue: Vec::with_capacity(QUEUED),
             headers: MultiHeaders::preallocate(QUEUED, None),
+            gso_headers: MultiHeaders::preallocate(QUEUED, Some(gso_cmsg_space())),
             gso: cfg!(target_os = "linux"),
         }
     }
@@ -210,11 +215,12 @@ impl Outbox {
         self.queue.len() >= QUEUED
     }
 
-    /// Sends everything queued, in order per destination: single datagrams with
-    /// `sendmmsg`, runs with one GSO `sendmsg` each; returns (datagrams sent, dropped).
-    /// Datagrams the kernel will not take now (full buffer) are dropped, never retried in
-    /// a loop. The buffer is kept (datagrams written and not queued yet stay valid) until
-    /// [`Outbox::recycle`].
+    /// Sends everything queued, in queue order: consecutive sends go out together in one
+    /// `sendmmsg` while they can share its `UDP_SEGMENT` size (a run must be cut by exactly
+    /// that size, a single datagram only fit in one segment, so the kernel sends it as it
+    /// is); returns (datagrams sent, dropped). Datagrams the kernel will not take now (full
+    /// buffer) are dropped, never retried in a loop. The buffer is kept (datagrams written
+    /// and not queued yet stay valid) until [`Outbox::recycle`].
     pub fn flush(&mut self, sockets: &[RawFd]) -> (u64, u64) {
         let (mut sent, mut dropped) = (0u64, 0u64);
         if self.queue.is_empty() {
@@ -222,57 +228,89 @@ impl Outbox {
         }
         let queue = std::mem::take(&mut self.queue);
         let buf = &self.buf;
-        let datagram = |(start, len): (usize, usize)| &buf[start..start + len];
+        let iov: Vec<IoSlice> = self
+            .parts
+            .iter()
+            .map(|&(start, len)| IoSlice::new(&buf[start..start + len]))
+            .collect();
+        let datagrams = |sends: &[&Queued]| sends.iter().map(|q| q.segments as u64).sum::<u64>();
         for (index, fd) in sockets.iter().enumerate() {
-            let mut singles: Vec<(&[u8], SocketAddr)> = Vec::new();
-            for q in queue.iter().filter(|q| q.socket == index) {
-                let parts = &self.parts[q.first..q.first + q.segments];
-                if q.segments == 1 {
-                    singles.push((datagram(parts[0]), q.to));
-                    continue;
-                }
-                // Keep this destination's order: what was queued for it before the run goes
-                // first (singles to others may follow the run).
-                if singles.iter().any(|(_, to)| *to == q.to) {
-                    send_singles(
-                        *fd,
-                        &mut self.headers,
-                        &mut singles,
-                        &mut sent,
-                        &mut dropped,
-                    );
-                }
-                let mut iov = [IoSlice::new(&[]); MAX_SEGMENTS];
-                for (slot, part) in iov.iter_mut().zip(parts) {
-                    *slot = IoSlice::new(datagram(*part));
-                }
-                match send_gso(*fd, &iov[..q.segments], q.segment, q.to) {
-                    Ok(()) => sent += q.segments as u64,
-                    // What a kernel or device without UDP GSO answers.
-                    Err(
-                        e @ (nix::errno::Errno::EIO
-                        | nix::errno::Errno::EINVAL
-                        | nix::errno::Errno::EOPNOTSUPP
-                        | nix::errno::Errno::ENOPROTOOPT),
-                    ) => {
-                        if self.gso {
-                            tracing::warn!("UDP GSO refused ({e}); sending datagrams one by one");
-                            self.gso = false;
-                        }
-                        singles.extend(parts.iter().map(|p| (datagram(*p), q.to)));
+            let sends: Vec<&Queued> = queue.iter().filter(|q| q.socket == index).collect();
+            let mut from = 0;
+            while from < sends.len() {
+                let mut shared = Segmenting::Free(0);
+                let mut to = from;
+                while to < sends.len() && to - from < QUEUED {
+                    match shared.with(sends[to]) {
+                        Some(s) => shared = s,
+                        None => break,
                     }
-                    // A full buffer or an unreachable destination: dropped, as a single
-                    // datagram would be.
-                    Err(_) => dropped += q.segments as u64,
+                    to += 1;
+                }
+                let batch = &sends[from..to];
+                from = to;
+                let messages: Vec<&[IoSlice]> = batch
+                    .iter()
+                    .map(|q| &iov[q.first..q.first + q.segments])
+                    .collect();
+                let addrs: Vec<Option<SockaddrStorage>> = batch
+                    .iter()
+                    .map(|q| Some(SockaddrStorage::from(q.to)))
+                    .collect();
+                let segment = match shared {
+                    Segmenting::Free(_) => None,
+                    Segmenting::Fixed(segment) => Some(segment),
+                };
+                let mut at = 0;
+                while at < batch.len() {
+                    let headers = match segment {
+                        None => &mut self.headers,
+                        Some(_) => &mut self.gso_headers,
+                    };
+                    let result = send_many(*fd, headers, &messages[at..], &addrs[at..], segment);
+                    match result {
+                        Ok(done) if done > 0 => {
+                            sent += datagrams(&batch[at..at + done]);
+                            at += done;
+                        }
+                        // The socket's buffer is full: the rest would fail the same way.
+                        Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ENOBUFS) => {
+                            dropped += datagrams(&batch[at..]);
+                            break;
+                        }
+                        // What a kernel or device without UDP GSO answers, unless the
+                        // destination itself is refused: the same send without GSO says.
+                        Err(
+                            e @ (nix::errno::Errno::EIO
+                            | nix::errno::Errno::EINVAL
+                            | nix::errno::Errno::EOPNOTSUPP
+                            | nix::errno::Errno::ENOPROTOOPT),
+                        ) if segment.is_some() => {
+                            let q = batch[at];
+                            at += 1;
+                            let (ok, failed) = send_apart(*fd, &mut self.headers, &iov, q);
+                            (sent, dropped) = (sent + ok, dropped + failed);
+                            if ok > 0 {
+                                tracing::warn!(
+                                    "UDP GSO refused ({e}); sending datagrams one by one"
+                                );
+                                self.gso = false;
+                                for q in &batch[at..] {
+                                    let (ok, failed) = send_apart(*fd, &mut self.headers, &iov, q);
+                                    (sent, dropped) = (sent + ok, dropped + failed);
+                                }
+                                break;
+                            }
+                        }
+                        // This destination is refused (unreachable, filtered): only its
+                        // datagrams are dropped, the others go on.
+                        Err(_) => {
+                            dropped += batch[at].segments as u64;
+                            at += 1;
+                        }
+                    }
                 }
             }
-            send_singles(
-                *fd,
-                &mut self.headers,
-                &mut singles,
-                &mut sent,
-                &mut dropped,
-            );
         }
         let mut queue = queue;
         queue.clear();
@@ -304,57 +342,93 @@ impl Outbox {
     }
 }
 
-/// Sends `singles` with `sendmmsg`, [`QUEUED`] per call, and empties it.
-fn send_singles(
-    fd: RawFd,
-    headers: &mut MultiHeaders<SockaddrStorage>,
-    singles: &mut Vec<(&[u8], SocketAddr)>,
-    sent: &mut u64,
-    dropped: &mut u64,
-) {
-    for chunk in singles.chunks(QUEUED) {
-        let slices: Vec<[IoSlice; 1]> = chunk.iter().map(|(d, _)| [IoSlice::new(d)]).collect();
-        let addrs: Vec<Option<SockaddrStorage>> = chunk
-            .iter()
-            .map(|(_, to)| Some(SockaddrStorage::from(*to)))
-            .collect();
-        match sendmmsg(
-            fd,
-            headers,
-            slices.iter(),
-            &addrs,
-            [],
-            MsgFlags::MSG_DONTWAIT,
-        ) {
-            Ok(done) => {
-                let n = done.count() as u64;
-                *sent += n;
-                *dropped += chunk.len() as u64 - n;
-            }
-            Err(_) => *dropped += chunk.len() as u64,
-        }
-    }
-    singles.clear();
+/// Room for one `UDP_SEGMENT` control message.
+fn gso_cmsg_space() -> Vec<u8> {
+    Vec::with_capacity(nix::sys::socket::cmsg_space::<u16>())
 }
 
-/// One GSO send of a run, a part per segment (Linux: `UDP_SEGMENT` as a control message).
+/// What the sends of one `sendmmsg` share: no control message (single datagrams only; the
+/// longest so far), or one `UDP_SEGMENT` size that cuts every run in it and that every
+/// single datagram in it fits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Segmenting {
+    Free(usize),
+    Fixed(usize),
+}
+
+impl Segmenting {
+    /// What the batch shares once `q` joins it, if it can.
+    fn with(self, q: &Queued) -> Option<Segmenting> {
+        let run = q.segments > 1;
+        match self {
+            Segmenting::Free(longest) if !run => Some(Segmenting::Free(longest.max(q.segment))),
+            Segmenting::Free(longest) => {
+                (longest <= q.segment).then_some(Segmenting::Fixed(q.segment))
+            }
+            Segmenting::Fixed(size) if !run => (q.segment <= size).then_some(self),
+            Segmenting::Fixed(size) => (q.segment == size).then_some(self),
+        }
+    }
+}
+
+/// Sends a queued send's datagrams one by one, without GSO; (sent, dropped).
+fn send_apart(
+    fd: RawFd,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    iov: &[IoSlice],
+    q: &Queued,
+) -> (u64, u64) {
+    let to = [Some(SockaddrStorage::from(q.to))];
+    let mut sent = 0;
+    for part in &iov[q.first..q.first + q.segments] {
+        let one = [std::slice::from_ref(part)];
+        if let Ok(1) = send_many(fd, headers, &one, &to, None) {
+            sent += 1;
+        }
+    }
+    (sent, q.segments as u64 - sent)
+}
+
+/// One `sendmmsg` of `messages` (a message's parts leave as one datagram, or as one per
+/// `segment` bytes with UDP GSO); how many messages the kernel took.
+fn send_many(
+    fd: RawFd,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    messages: &[&[IoSlice]],
+    addrs: &[Option<SockaddrStorage>],
+    segment: Option<usize>,
+) -> nix::Result<usize> {
+    let flags = MsgFlags::MSG_DONTWAIT;
+    match segment {
+        None => sendmmsg(fd, headers, messages.iter(), addrs, [], flags).map(Iterator::count),
+        Some(segment) => send_segmented(fd, headers, messages, addrs, segment),
+    }
+}
+
+/// [`send_many`] with `UDP_SEGMENT` as every message's control message (Linux).
 #[cfg(target_os = "linux")]
-fn send_gso(fd: RawFd, parts: &[IoSlice], segment: usize, to: SocketAddr) -> nix::Result<()> {
-    use nix::sys::socket::{sendmsg, ControlMessage};
+fn send_segmented(
+    fd: RawFd,
+    headers: &mut MultiHeaders<SockaddrStorage>,
+    messages: &[&[IoSlice]],
+    addrs: &[Option<SockaddrStorage>],
+    segment: usize,
+) -> nix::Result<usize> {
+    use nix::sys::socket::ControlMessage;
     let segment = u16::try_from(segment).map_err(|_| nix::errno::Errno::EINVAL)?;
-    let to = SockaddrStorage::from(to);
-    sendmsg(
-        fd,
-        parts,
-        &[ControlMessage::UdpGsoSegments(&segment)],
-        MsgFlags::MSG_DONTWAIT,
-        Some(&to),
-    )
-    .map(|_| ())
+    let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
+    let flags = MsgFlags::MSG_DONTWAIT;
+    sendmmsg(fd, headers, messages.iter(), addrs, cmsgs, flags).map(Iterator::count)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn send_gso(_fd: RawFd, _parts: &[IoSlice], _segment: usize, _to: SocketAddr) -> nix::Result<()> {
+fn send_segmented(
+    _fd: RawFd,
+    _headers: &mut MultiHeaders<SockaddrStorage>,
+    _messages: &[&[IoSlice]],
+    _addrs: &[Option<SockaddrStorage>],
+    _segment: usize,
+) -> nix::Result<usize> {
     Err(nix::errno::Errno::EOPNOTSUPP)
 }
 
@@ -420,6 +494,80 @@ mod tests {
         assert!(out.gso, "the kernel took the GSO sends");
         assert_eq!(recv_all(&b, sent_b.len()), sent_b);
         assert_eq!(recv_all(&c, 1), vec![vec![9u8; 30]]);
+    }
+
+    #[test]
+    fn runs_of_one_segment_size_and_the_singles_that_fit_share_a_sendmmsg() {
+        let to: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let send = |segment: usize, segments: usize| Queued {
+            socket: 0,
+            to,
+            first: 0,
+            segment,
+            segments,
+            open: false,
+        };
+        let free = Segmenting::Free(0);
+        // Singles alone need no control message.
+        let singles = free.with(&send(100, 1)).unwrap().with(&send(300, 1));
+        assert_eq!(singles, Some(Segmenting::Free(300)));
+        // A run fixes the size, if the singles before it fit in one segment.
+        assert_eq!(
+            singles.unwrap().with(&send(1100, 4)),
+            Some(Segmenting::Fixed(1100))
+        );
+        assert_eq!(singles.unwrap().with(&send(200, 4)), None);
+        // After it: runs of that size, and singles no longer than it.
+        let fixed = Segmenting::Fixed(1100);
+        assert_eq!(fixed.with(&send(1100, 7)), Some(fixed));
+        assert_eq!(fixed.with(&send(90, 1)), Some(fixed));
+        assert_eq!(fixed.with(&send(1100, 1)), Some(fixed));
+        assert_eq!(fixed.with(&send(1101, 1)), None);
+        assert_eq!(fixed.with(&send(1000, 3)), None);
+    }
+
+    #[test]
+    fn subscribers_runs_and_singles_in_one_flush_arrive_whole_and_in_order() {
+        let [a, b, c] = loopback();
+        let mut out = Outbox::new();
+        let mut want = [Vec::new(), Vec::new()];
+        // As in a meeting: each subscriber gets an audio packet, then video frames of two
+        // publishers cut at one size (each frame's last packet shorter), then audio again.
+        for (i, sock) in [&b, &c].into_iter().enumerate() {
+            let to = sock.local_addr().unwrap();
+            let mut datagrams = vec![vec![1u8 + i as u8; 90]];
+            for frame in 0..2u8 {
+                datagrams.extend((0..3u8).map(|k| vec![10 * frame + k; 1100]));
+                datagrams.push(vec![50 + frame; 700]);
+            }
+            datagrams.push(vec![9; 120]);
+            for d in &datagrams {
+                out.push(0, to, d);
+            }
+            want[i] = datagrams;
+        }
+        assert_eq!(out.flush(&[a.as_raw_fd()]), (20, 0));
+        assert_eq!(recv_all(&b, 10), want[0]);
+        assert_eq!(recv_all(&c, 10), want[1]);
+    }
+
+    #[test]
+    fn a_refused_destination_loses_only_its_own_datagrams_and_gso_stays_on() {
+        let [a, b, c] = loopback();
+        let mut out = Outbox::new();
+        // Port 0: the kernel refuses the destination (EINVAL, as it refuses GSO).
+        let refused: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let run = |out: &mut Outbox, to: SocketAddr, byte: u8| {
+            (0..3).for_each(|_| out.push(0, to, &[byte; 100]));
+        };
+        run(&mut out, b.local_addr().unwrap(), 1);
+        out.push(0, refused, &[2; 50]);
+        run(&mut out, refused, 3);
+        run(&mut out, c.local_addr().unwrap(), 4);
+        assert_eq!(out.flush(&[a.as_raw_fd()]), (6, 4));
+        assert!(out.gso || cfg!(not(target_os = "linux")));
+        assert_eq!(recv_all(&b, 3), vec![vec![1u8; 100]; 3]);
+        assert_eq!(recv_all(&c, 3), vec![vec![4u8; 100]; 3]);
     }
 
     /// `N` sockets bound to loopback ports the OS picks.
