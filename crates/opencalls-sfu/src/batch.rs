@@ -238,17 +238,9 @@ impl Outbox {
             let sends: Vec<&Queued> = queue.iter().filter(|q| q.socket == index).collect();
             let mut from = 0;
             while from < sends.len() {
-                let mut shared = Segmenting::Free(0);
-                let mut to = from;
-                while to < sends.len() && to - from < QUEUED {
-                    match shared.with(sends[to]) {
-                        Some(s) => shared = s,
-                        None => break,
-                    }
-                    to += 1;
-                }
-                let batch = &sends[from..to];
-                from = to;
+                let (len, segment) = Segmenting::batch(&sends[from..]);
+                let batch = &sends[from..from + len];
+                from += len;
                 let messages: Vec<&[IoSlice]> = batch
                     .iter()
                     .map(|q| &iov[q.first..q.first + q.segments])
@@ -257,10 +249,6 @@ impl Outbox {
                     .iter()
                     .map(|q| Some(SockaddrStorage::from(q.to)))
                     .collect();
-                let segment = match shared {
-                    Segmenting::Free(_) => None,
-                    Segmenting::Fixed(segment) => Some(segment),
-                };
                 let mut at = 0;
                 while at < batch.len() {
                     let headers = match segment {
@@ -357,6 +345,24 @@ enum Segmenting {
 }
 
 impl Segmenting {
+    /// How many of `sends` (at most [`QUEUED`]) go out in one `sendmmsg` from the first on,
+    /// and the `UDP_SEGMENT` size they share, if any.
+    fn batch(sends: &[&Queued]) -> (usize, Option<usize>) {
+        let mut shared = Segmenting::Free(0);
+        let mut len = 0;
+        for q in sends.iter().take(QUEUED) {
+            match shared.with(q) {
+                Some(s) => shared = s,
+                None => break,
+            }
+            len += 1;
+        }
+        match shared {
+            Segmenting::Free(_) => (len, None),
+            Segmenting::Fixed(segment) => (len, Some(segment)),
+        }
+    }
+
     /// What the batch shares once `q` joins it, if it can.
     fn with(self, q: &Queued) -> Option<Segmenting> {
         let run = q.segments > 1;
@@ -401,35 +407,16 @@ fn send_many(
     let flags = MsgFlags::MSG_DONTWAIT;
     match segment {
         None => sendmmsg(fd, headers, messages.iter(), addrs, [], flags).map(Iterator::count),
-        Some(segment) => send_segmented(fd, headers, messages, addrs, segment),
+        // `UDP_SEGMENT` as every message's control message (Linux only).
+        #[cfg(target_os = "linux")]
+        Some(segment) => {
+            let segment = u16::try_from(segment).map_err(|_| nix::errno::Errno::EINVAL)?;
+            let cmsgs = [nix::sys::socket::ControlMessage::UdpGsoSegments(&segment)];
+            sendmmsg(fd, headers, messages.iter(), addrs, cmsgs, flags).map(Iterator::count)
+        }
+        #[cfg(not(target_os = "linux"))]
+        Some(_) => Err(nix::errno::Errno::EOPNOTSUPP),
     }
-}
-
-/// [`send_many`] with `UDP_SEGMENT` as every message's control message (Linux).
-#[cfg(target_os = "linux")]
-fn send_segmented(
-    fd: RawFd,
-    headers: &mut MultiHeaders<SockaddrStorage>,
-    messages: &[&[IoSlice]],
-    addrs: &[Option<SockaddrStorage>],
-    segment: usize,
-) -> nix::Result<usize> {
-    use nix::sys::socket::ControlMessage;
-    let segment = u16::try_from(segment).map_err(|_| nix::errno::Errno::EINVAL)?;
-    let cmsgs = [ControlMessage::UdpGsoSegments(&segment)];
-    let flags = MsgFlags::MSG_DONTWAIT;
-    sendmmsg(fd, headers, messages.iter(), addrs, cmsgs, flags).map(Iterator::count)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn send_segmented(
-    _fd: RawFd,
-    _headers: &mut MultiHeaders<SockaddrStorage>,
-    _messages: &[&[IoSlice]],
-    _addrs: &[Option<SockaddrStorage>],
-    _segment: usize,
-) -> nix::Result<usize> {
-    Err(nix::errno::Errno::EOPNOTSUPP)
 }
 
 #[cfg(test)]
