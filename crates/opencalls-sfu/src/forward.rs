@@ -83,6 +83,11 @@ impl SeqRewriter {
         Some((out_seq, out_ts))
     }
 
+    /// Reads the state `rewrite` uses, for `Subscription::touch`.
+    pub fn touch(&self) -> u64 {
+        self.last_out_seq ^ u64::from(self.ts_offset)
+    }
+
     /// The next packet comes from another RTP stream (another publication or simulcast
     /// layer): continue the numbering after what was sent, whatever its sequence numbers.
     pub fn switch_source(&mut self) {
@@ -192,6 +197,12 @@ impl History {
             marker,
             resends: 0,
         };
+    }
+
+    /// Reads the slot the next `push` writes, for `Subscription::touch`.
+    pub fn touch(&self) -> u64 {
+        let next = (self.latest.wrapping_add(1) % HISTORY_LEN as u64) as usize;
+        self.slots.get(next).map_or(0, |s| u64::from(s.seq))
     }
 
     /// The packet a NACK names by its 16-bit sequence number, with its extended number, if

@@ -101,6 +101,15 @@ impl Subscription {
         }
     }
 
+    /// Reads what the fan-out reads and writes for each packet (one field from each part)
+    /// and folds it into a value that means nothing (see `Worker::read_ahead`).
+    pub fn touch(&self) -> u64 {
+        let mut folded = u64::from(self.egress_run) ^ u64::from(self.layer.is_some());
+        folded ^= u64::from(self.pt.map_or(0, |(_, pt)| pt));
+        folded ^= u64::from(self.egress.as_ref().map_or(0, |(pt, _)| *pt));
+        folded ^ self.rewriter.touch() ^ self.history.touch()
+    }
+
     /// Whether a packet of simulcast layer `rid` is for this subscriber. The first layer
     /// seen (or the preferred one) is kept; other layers are dropped.
     pub fn wants_layer(&mut self, rid: Option<Rid>) -> bool {
@@ -160,6 +169,10 @@ impl EgressQueue {
         self.0.drain(..)
     }
 
+    pub fn touch(&self) -> u64 {
+        self.0.capacity() as u64
+    }
+
     pub fn clear(&mut self) {
         self.0.clear();
     }
@@ -181,6 +194,15 @@ impl Session {
             send_path: None,
             egress_out: EgressQueue::default(),
         }
+    }
+
+    /// Reads the session's parts the fan-out uses for each packet, as
+    /// [`Subscription::touch`] does.
+    pub fn touch(&self) -> u64 {
+        u64::from(self.peer.was_connected())
+            ^ self.send_path.map_or(0, |(i, _)| i as u64)
+            ^ self.egress_out.touch()
+            ^ self.timer.touch()
     }
 
     /// The open publication with this name, if any.

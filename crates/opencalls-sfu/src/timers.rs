@@ -25,6 +25,13 @@ pub(crate) struct SessionTimer {
     due: bool,
 }
 
+impl SessionTimer {
+    /// Reads the timer's state, for `Session::touch`.
+    pub fn touch(&self) -> u64 {
+        u64::from(self.due)
+    }
+}
+
 /// What carries a [`SessionTimer`] (a session; in tests, the timer itself).
 pub(crate) trait HasTimer {
     fn timer(&mut self) -> &mut SessionTimer;
