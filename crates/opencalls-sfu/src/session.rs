@@ -169,6 +169,7 @@ impl EgressQueue {
         self.0.drain(..)
     }
 
+    /// Reads the queue's header, for `Session::touch`.
     pub fn touch(&self) -> u64 {
         self.0.capacity() as u64
     }
