@@ -238,9 +238,15 @@ impl Outbox {
             let sends: Vec<&Queued> = queue.iter().filter(|q| q.socket == index).collect();
             let mut from = 0;
             while from < sends.len() {
-                let (len, segment) = Segmenting::batch(&sends[from..]);
+                let (len, segment) = Segmenting::batch(&sends[from..], self.gso);
+                if len == 0 {
+                    // A run, and GSO refused: its datagrams go one by one.
+                    let (ok, failed) = send_apart(*fd, &mut self.headers, &iov, sends[from]);
+                    (sent, dropped) = (sent + ok, dropped + failed);
+                    from += 1;
+                    continue;
+                }
                 let batch = &sends[from..from + len];
-                from += len;
                 let messages: Vec<&[IoSlice]> = batch
                     .iter()
                     .map(|q| &iov[q.first..q.first + q.segments])
@@ -264,7 +270,7 @@ impl Outbox {
                         // The socket's buffer is full: the rest would fail the same way.
                         Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ENOBUFS) => {
                             dropped += datagrams(&batch[at..]);
-                            break;
+                            at = batch.len();
                         }
                         // What a kernel or device without UDP GSO answers, unless the
                         // destination itself is refused: the same send without GSO says.
@@ -282,11 +288,8 @@ impl Outbox {
                                 tracing::warn!(
                                     "UDP GSO refused ({e}); sending datagrams one by one"
                                 );
+                                // The rest is planned again, without GSO.
                                 self.gso = false;
-                                for q in &batch[at..] {
-                                    let (ok, failed) = send_apart(*fd, &mut self.headers, &iov, q);
-                                    (sent, dropped) = (sent + ok, dropped + failed);
-                                }
                                 break;
                             }
                         }
@@ -298,6 +301,7 @@ impl Outbox {
                         }
                     }
                 }
+                from += at;
             }
         }
         let mut queue = queue;
@@ -346,11 +350,15 @@ enum Segmenting {
 
 impl Segmenting {
     /// How many of `sends` (at most [`QUEUED`]) go out in one `sendmmsg` from the first on,
-    /// and the `UDP_SEGMENT` size they share, if any.
-    fn batch(sends: &[&Queued]) -> (usize, Option<usize>) {
+    /// and the `UDP_SEGMENT` size they share, if any. Without `gso` a run goes in none
+    /// (0 when the first is one: it must go apart).
+    fn batch(sends: &[&Queued], gso: bool) -> (usize, Option<usize>) {
         let mut shared = Segmenting::Free(0);
         let mut len = 0;
         for q in sends.iter().take(QUEUED) {
+            if !gso && q.segments > 1 {
+                break;
+            }
             match shared.with(q) {
                 Some(s) => shared = s,
                 None => break,
@@ -511,6 +519,32 @@ mod tests {
         assert_eq!(fixed.with(&send(1100, 1)), Some(fixed));
         assert_eq!(fixed.with(&send(1101, 1)), None);
         assert_eq!(fixed.with(&send(1000, 3)), None);
+
+        // The batch plan: with GSO, all four share one size; without it (refused), the
+        // singles before the run still share a sendmmsg, and the run goes apart (0).
+        let (a, b, run, c) = (send(100, 1), send(200, 1), send(1100, 3), send(90, 1));
+        let sends = [&a, &b, &run, &c];
+        assert_eq!(Segmenting::batch(&sends, true), (4, Some(1100)));
+        assert_eq!(Segmenting::batch(&sends, false), (2, None));
+        assert_eq!(Segmenting::batch(&sends[2..], false), (0, None));
+        assert_eq!(Segmenting::batch(&sends[3..], false), (1, None));
+    }
+
+    #[test]
+    fn runs_queued_before_gso_was_refused_leave_datagram_by_datagram_in_order() {
+        let [a, b] = loopback();
+        let to = b.local_addr().unwrap();
+        let mut out = Outbox::new();
+        let mut want = vec![vec![1u8; 60]];
+        want.extend((0..3u8).map(|k| vec![10 + k; 500]));
+        want.push(vec![2u8; 80]);
+        for d in &want {
+            out.push(0, to, d);
+        }
+        // As after a refusal earlier in the flush: runs already queued must go apart.
+        out.gso = false;
+        assert_eq!(out.flush(&[a.as_raw_fd()]), (5, 0));
+        assert_eq!(recv_all(&b, 5), want);
     }
 
     #[test]
