@@ -174,6 +174,9 @@ pub struct StepResult {
     pub p99_ms: Option<f64>,
     /// p50/p99 to the kernel's queueing on the subscriber's socket (`--socket-times`, rx.rs).
     pub socket_ms: Option<(f64, f64)>,
+    /// opencalls: p50/p99 of its own `opencalls_send_delay_seconds` over the window (from
+    /// its read of a datagram to the end of the send carrying what it forwarded).
+    pub server_ms: Option<(f64, f64)>,
     pub rss_mb: f64,
     pub sessions: usize,
     pub subscribed_tracks: usize,
@@ -219,6 +222,7 @@ impl StepResult {
             "cpu_us_per_packet": us_per_pkt.map(round3),
             "loss": round6(self.loss), "p50_ms": self.p50_ms.map(round3), "p99_ms": self.p99_ms.map(round3),
             "p50_socket_ms": self.socket_ms.map(|r| round3(r.0)), "p99_socket_ms": self.socket_ms.map(|r| round3(r.1)),
+            "p50_server_ms": self.server_ms.map(|r| round3(r.0)), "p99_server_ms": self.server_ms.map(|r| round3(r.1)),
             "rss_mb": round3(self.rss_mb), "valid": self.valid(), "generator_busy": round3(self.generator_busy),
             "sessions": self.sessions, "subscribed_tracks": self.subscribed_tracks,
             "join_p50_ms": self.join_p50_ms.map(round3), "join_p99_ms": self.join_p99_ms.map(round3),
@@ -230,6 +234,77 @@ impl StepResult {
             "forced_keyframes_per_sec": self.forced_keyframes_per_sec.map(round3),
         })
     }
+}
+
+/// opencalls' `opencalls_send_delay_seconds` from its `/metrics`, summed over workers:
+/// (upper bound in ms, cumulative count) per bucket, `+Inf` as infinity. `None` if the
+/// server did not answer or has no such histogram.
+fn send_delay(addr: SocketAddr) -> Option<Vec<(f64, u64)>> {
+    let r = opencalls_testkit::api::try_request(
+        addr,
+        "GET",
+        "/metrics",
+        &[],
+        None,
+        Duration::from_secs(5),
+    )
+    .ok()?;
+    parse_send_delay(&r.body)
+}
+
+fn parse_send_delay(text: &str) -> Option<Vec<(f64, u64)>> {
+    let mut buckets: Vec<(f64, u64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("opencalls_send_delay_seconds_bucket{") else {
+            continue;
+        };
+        let le = rest.split("le=\"").nth(1)?.split('"').next()?;
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse::<f64>().ok()? * 1000.0
+        };
+        let n: u64 = rest.rsplit(' ').next()?.parse().ok()?;
+        match buckets.iter_mut().find(|(b, _)| *b == le) {
+            Some((_, c)) => *c += n,
+            None => buckets.push((le, n)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    (!buckets.is_empty()).then_some(buckets)
+}
+
+/// p50 and p99 of what was counted between two readings, interpolated inside the bucket
+/// (a quantile in the open-ended bucket reads as its lower bound).
+fn send_delay_percentiles(before: &[(f64, u64)], after: &[(f64, u64)]) -> Option<(f64, f64)> {
+    if before.len() != after.len() {
+        return None;
+    }
+    let cum: Vec<(f64, u64)> = after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| (a.0, a.1.saturating_sub(b.1)))
+        .collect();
+    let total = cum.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let at = |q: f64| {
+        let want = q * total as f64;
+        let mut lower = (0.0, 0u64);
+        for &(bound, c) in &cum {
+            if c as f64 >= want {
+                if bound.is_infinite() {
+                    return lower.0;
+                }
+                let share = (want - lower.1 as f64) / (c - lower.1).max(1) as f64;
+                return lower.0 + share * (bound - lower.0);
+            }
+            lower = (bound, c);
+        }
+        lower.0
+    };
+    Some((at(0.5), at(0.99)))
 }
 
 /// The step's added latency percentile: at the generator's read, or at the socket with
@@ -300,7 +375,7 @@ pub fn run_step(
                 ip: media_ip(),
             };
             w.media
-                .measure_storm(Storm::start(joining, rate)?, warm, window, pid)
+                .measure_storm(Storm::start(joining, rate)?, warm, window, pid, None)
         }
         (Target::Opencalls, Scenario::JoinStorm) => {
             // Departed sessions are reaped 5 s after their client goes quiet, inside the run.
@@ -311,9 +386,9 @@ pub fn run_step(
                 tracks: w.names[0].1.clone(),
                 ip: media_ip(),
             };
-            let pid = w.server.id();
+            let (pid, metrics) = (w.server.id(), Some(w.api.addr));
             w.media
-                .measure_storm(Storm::start(joining, rate)?, warm, window, pid)
+                .measure_storm(Storm::start(joining, rate)?, warm, window, pid, metrics)
         }
         (Target::Raw, Scenario::JoinStorm) => {
             let mut w = RawWorld::build(topology)?;
@@ -323,7 +398,7 @@ pub fn run_step(
             };
             let pid = w.relay.id();
             w.media
-                .measure_storm(Storm::start(joining, rate)?, warm, window, pid)
+                .measure_storm(Storm::start(joining, rate)?, warm, window, pid, None)
         }
         (Target::Janus, Scenario::Api) => {
             anyhow::bail!("the api scenario measures the Calls API only")
@@ -331,17 +406,18 @@ pub fn run_step(
         (Target::Janus, _) => {
             let mut w = JanusWorld::build(topology)?;
             let pid = w.server.pid();
-            w.media.measure(warm, window, pid)
+            w.media.measure(warm, window, pid, None)
         }
         (Target::Opencalls, Scenario::Api) => api_step(step, quick),
         (Target::Raw, Scenario::Api) => anyhow::bail!("a UDP relay has no API"),
         (Target::Opencalls, _) => {
             let mut w = OpencallsWorld::build(topology, 600)?;
-            w.media.measure(warm, window, w.server.id())
+            w.media
+                .measure(warm, window, w.server.id(), Some(w.api.addr))
         }
         (Target::Raw, _) => {
             let mut w = RawWorld::build(topology)?;
-            w.media.measure(warm, window, w.relay.id())
+            w.media.measure(warm, window, w.relay.id(), None)
         }
     }
 }
@@ -759,14 +835,19 @@ impl Media {
         }
     }
 
+    /// Warms up, then measures one window. With `metrics` (an opencalls server's HTTP
+    /// address) the server's own send delay is read before and after it, outside the CPU
+    /// window.
     fn measure(
         &mut self,
         warm: Duration,
         window: Duration,
         server_pid: u32,
+        metrics: Option<SocketAddr>,
     ) -> anyhow::Result<StepResult> {
         self.run(warm, None);
         let mut meter = Meter::default();
+        let delay0 = metrics.and_then(send_delay);
         let (s0, g0) = (sys::cpu_sample(1), sys::cpu_sample(0));
         let t0 = Instant::now();
         let forced0 = self.forced_keyframes;
@@ -774,6 +855,9 @@ impl Media {
         let secs = t0.elapsed().as_secs_f64();
         let forced = (self.forced_keyframes - forced0) as f64 / secs;
         let (s1, g1) = (sys::cpu_sample(1), sys::cpu_sample(0));
+        let server_ms = delay0
+            .zip(metrics.and_then(send_delay))
+            .and_then(|(a, b)| send_delay_percentiles(&a, &b));
         let mut joins: Vec<f64> = self
             .peers
             .iter()
@@ -794,6 +878,7 @@ impl Media {
             socket_ms: meter
                 .socket_percentile(0.5)
                 .zip(meter.socket_percentile(0.99)),
+            server_ms,
             rss_mb: sys::rss_mb(server_pid),
             sessions: self.sessions,
             subscribed_tracks: self.subscribed_tracks,
@@ -816,10 +901,11 @@ impl Media {
         warm: Duration,
         window: Duration,
         server_pid: u32,
+        metrics: Option<SocketAddr>,
     ) -> anyhow::Result<StepResult> {
         self.storm = Some(storm);
         let t0 = Instant::now() + warm;
-        let mut r = self.measure(warm, window, server_pid)?;
+        let mut r = self.measure(warm, window, server_pid, metrics)?;
         let t1 = Instant::now();
         let secs = (t1 - t0).as_secs_f64();
         if let Some(storm) = &self.storm {
@@ -1075,6 +1161,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         p50_ms: percentile(&mut lat, 0.5),
         p99_ms: percentile(&mut lat, 0.99),
         socket_ms: None,
+        server_ms: None,
         rss_mb: sys::rss_mb(server.id()),
         sessions: 2 * step.n,
         subscribed_tracks: 0,
@@ -1153,6 +1240,41 @@ impl JanusWorld {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn send_delay_sums_workers_and_reads_percentiles_between_two_readings() {
+        let text = |a: [u64; 4], b: [u64; 4]| {
+            let mut t = String::from("# TYPE opencalls_send_delay_seconds histogram\n");
+            for (w, c) in [(0, a), (1, b)] {
+                for (le, n) in ["0.0001", "0.001", "0.01", "+Inf"].iter().zip(c) {
+                    t += &format!(
+                        "opencalls_send_delay_seconds_bucket{{worker=\"{w}\",le=\"{le}\"}} {n}\n"
+                    );
+                }
+                t += &format!(
+                    "opencalls_send_delay_seconds_count{{worker=\"{w}\"}} {}\n",
+                    c[3]
+                );
+            }
+            t
+        };
+        let before = parse_send_delay(&text([10, 10, 10, 10], [0, 0, 0, 0])).unwrap();
+        assert_eq!(
+            before,
+            [(0.1, 10), (1.0, 10), (10.0, 10), (f64::INFINITY, 10)]
+        );
+        // In the window: 50 within 0.1 ms, 49 more within 1 ms, 1 within 10 ms.
+        let after = parse_send_delay(&text([40, 80, 80, 80], [20, 29, 30, 30])).unwrap();
+        let (p50, p99) = send_delay_percentiles(&before, &after).unwrap();
+        assert!((p50 - 0.1).abs() < 1e-9, "p50 {p50}");
+        assert!((p99 - 1.0).abs() < 1e-9, "p99 {p99}");
+        // Halfway into a bucket interpolates; nothing new reads as nothing.
+        let after = parse_send_delay(&text([10, 110, 110, 110], [0; 4])).unwrap();
+        let (p50, _) = send_delay_percentiles(&before, &after).unwrap();
+        assert!((p50 - 0.55).abs() < 1e-9, "p50 {p50}");
+        assert_eq!(send_delay_percentiles(&before, &before), None);
+        assert_eq!(parse_send_delay("opencalls_tx_datagrams_total 5\n"), None);
+    }
 
     fn source(kind: MediaKind, sending: Sending, t0: Instant) -> Source {
         let mut s = Source::new(kind, Mid::from("m"), 96, 0, sending);

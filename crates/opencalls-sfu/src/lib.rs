@@ -8,6 +8,7 @@
 
 mod batch;
 pub mod command;
+pub mod delay;
 pub mod forward;
 pub mod peer;
 mod session;
@@ -16,6 +17,7 @@ mod timers;
 pub mod worker;
 
 pub use command::*;
+pub use delay::DelayHistogram;
 pub use peer::{crypto_provider, Certificate, Kind, Peer, PeerConfig};
 pub use worker::{
     random_hex, Endpoint, MediaConfig, MediaPlane, Timeouts, WorkerHandle, WorkerStats,

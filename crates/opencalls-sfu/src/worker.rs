@@ -29,6 +29,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::batch::{Inbox, Outbox};
 use crate::command::*;
+use crate::delay::DelayHistogram;
 use crate::forward::Recent;
 use crate::peer::{
     CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
@@ -118,6 +119,12 @@ pub struct WorkerStats {
     pub command_us: AtomicU64,
     /// The longest a single command held the worker, in microseconds.
     pub command_us_max: AtomicU64,
+    /// For each datagram sent in answer to a read (forwarded RTP above all), the time from
+    /// that read to the end of the send call that carried it: what the media plane adds to
+    /// a packet's latency, but for the wait in the socket before the read. A copy another
+    /// worker passed on counts from the publishing worker's read; the other datagrams of
+    /// its flush count from there too.
+    pub send_delay: DelayHistogram,
 }
 
 /// The control plane's handle on one worker.
@@ -237,6 +244,7 @@ impl MediaPlane {
                         fds: Vec::new(),
                         queue: VecDeque::new(),
                         closing: Vec::new(),
+                        read_at: None,
                         running: true,
                     };
                     worker.run()
@@ -295,6 +303,8 @@ struct Forwarded {
     /// `ext`'s capture time as our egress path writes it.
     abs_capture_time: Option<CaptureTime>,
     payload: Arc<[u8]>,
+    /// When the publishing worker read the datagram that brought it (for `send_delay`).
+    read_at: Instant,
 }
 
 enum Msg {
@@ -362,14 +372,27 @@ struct Worker {
     /// Peer events waiting to be acted on (draining one session may touch others).
     queue: VecDeque<(SessionKey, PeerEvent)>,
     closing: Vec<(SessionKey, CloseReason)>,
+    /// When the input batch being handled was read, or the earliest read behind packets
+    /// another worker passed on; `None` after the flush that sent what they produced (what
+    /// timers and commands send alone is not counted in `send_delay`).
+    read_at: Option<Instant>,
     running: bool,
 }
 
-/// Sends every queued datagram and counts the outcome.
-fn flush_outbox(outbox: &mut Outbox, fds: &[std::os::fd::RawFd], stats: &WorkerStats) {
+/// Sends every queued datagram and counts the outcome; with `read_at`, the datagrams sent
+/// count in `send_delay` as sent now.
+fn flush_outbox(
+    outbox: &mut Outbox,
+    fds: &[std::os::fd::RawFd],
+    stats: &WorkerStats,
+    read_at: Option<Instant>,
+) {
     let (sent, dropped) = outbox.flush(fds);
     stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
     stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
+    if let (Some(at), 1..) = (read_at, sent) {
+        stats.send_delay.observe(at.elapsed(), sent);
+    }
 }
 
 /// Input batches (of up to `batch::BATCH` datagrams) a worker reads from one socket per loop
@@ -494,6 +517,7 @@ impl Worker {
                 // ICMP errors surface here on Linux; they concern one peer only.
                 Err(_) => continue,
             };
+            self.read_at = Some(Instant::now());
             self.stats
                 .rx_datagrams
                 .fetch_add(n as u64, Ordering::Relaxed);
@@ -509,12 +533,14 @@ impl Worker {
     }
 
     /// Delivers pending packets and sends every queued datagram. Every session's sealed
-    /// packets are queued by then, so the outbox's buffer is reused from the start.
+    /// packets are queued by then, so the outbox's buffer is reused from the start. Ends
+    /// the input batch, if one was being handled.
     fn flush(&mut self) {
         self.deliver_pending();
         self.release_egress();
-        flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+        flush_outbox(&mut self.outbox, &self.fds, &self.stats, self.read_at);
         self.outbox.recycle();
+        self.read_at = None;
     }
 
     /// Queues the packets sealed beside str0m, one session after another.
@@ -540,7 +566,7 @@ impl Worker {
                 incr(&self.stats.dropped_send);
             }
             if self.outbox.is_full() {
-                flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+                flush_outbox(&mut self.outbox, &self.fds, &self.stats, self.read_at);
             }
         }
     }
@@ -668,7 +694,7 @@ impl Worker {
                     self.outbox.push(sock, destination, &contents);
                     if self.outbox.is_full() {
                         // `session` is borrowed: flush through the fields, not `self.flush()`.
-                        flush_outbox(&mut self.outbox, &self.fds, &self.stats);
+                        flush_outbox(&mut self.outbox, &self.fds, &self.stats, self.read_at);
                     }
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),
@@ -793,6 +819,7 @@ impl Worker {
                     ext: end_to_end(&p.ext),
                     abs_capture_time: CaptureTime::of(&p.ext),
                     payload: p.payload,
+                    read_at: self.read_at.unwrap_or_else(Instant::now),
                 });
                 for i in 0..publication.fanout.len() {
                     let w = publication.fanout[i].0;
@@ -1051,7 +1078,14 @@ impl Worker {
             }
             Msg::Attach { track, worker } => self.attach(track, worker),
             Msg::Detach { track, worker } => self.detach(track, worker),
-            Msg::Media { track, packet } => self.pending.push((track, packet)),
+            Msg::Media { track, packet } => {
+                // Sent at the next flush, which counts from the earliest read it carries.
+                let at = self
+                    .read_at
+                    .map_or(packet.read_at, |t| t.min(packet.read_at));
+                self.read_at = Some(at);
+                self.pending.push((track, packet));
+            }
             Msg::Keyframe { track, rid } => self.keyframe_local(track, rid, Instant::now(), false),
             Msg::Unpublished { track } => self.source_gone(track),
             Msg::Shutdown => self.running = false,

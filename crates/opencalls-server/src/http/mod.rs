@@ -158,7 +158,42 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             w.stats().sessions.load(Relaxed)
         );
     }
+    send_delay_histogram(&mut out, control.workers());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// `opencalls_send_delay_seconds`, a Prometheus histogram per worker (cumulative buckets).
+fn send_delay_histogram(out: &mut String, workers: &[opencalls_sfu::WorkerHandle]) {
+    use std::fmt::Write;
+    let name = "opencalls_send_delay_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time from a media worker's read of a batch of datagrams to the end of the send that carried what it sent in answer (forwarded RTP above all); the wait in the socket before the read is not in it\n# TYPE {name} histogram"
+    );
+    for w in workers {
+        let h = &w.stats().send_delay;
+        let counts = h.counts();
+        let mut total = 0;
+        for (i, n) in counts.iter().enumerate() {
+            total += n;
+            let le = match opencalls_sfu::delay::BOUNDS_US.get(i) {
+                Some(us) => format!("{}", *us as f64 / 1e6),
+                None => "+Inf".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{worker=\"{}\",le=\"{le}\"}} {total}",
+                w.index()
+            );
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{worker=\"{}\"}} {}",
+            w.index(),
+            h.sum_us() as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{worker=\"{}\"}} {total}", w.index());
+    }
 }
 
 async fn fallback() -> ApiError {

@@ -147,6 +147,46 @@ fn audio_fans_out(workers: usize, n: usize) {
         egress >= n as u64 * 30,
         "audio egress path used: {egress} packets"
     );
+    // Every packet forwarded went out in answer to the read that brought it, so each is
+    // in the send-delay histogram operators see; the rest of what was sent may not be.
+    let delayed = send_delay_count(&ts);
+    let sent = worker_sum(&ts, |s| &s.tx_datagrams);
+    assert!(
+        delayed >= egress && delayed <= sent,
+        "send delay counted {delayed} datagrams: {egress} forwarded beside str0m, {sent} sent"
+    );
+}
+
+/// `opencalls_send_delay_seconds` over all workers as `/metrics` shows it, after checking
+/// that each worker's buckets are cumulative and end at its `_count`.
+fn send_delay_count(ts: &TestServer) -> u64 {
+    let m = opencalls_testkit::api::raw_request(ts.api.addr, "GET", "/metrics", &[], None);
+    assert_eq!(m.status, 200);
+    let value = |l: &str| -> u64 { l.rsplit(' ').next().unwrap().parse().unwrap() };
+    let mut total = 0;
+    for w in 0..ts.server().control().workers().len() {
+        let worker = format!("{{worker=\"{w}\"");
+        let buckets: Vec<u64> = m
+            .body
+            .lines()
+            .filter(|l| l.starts_with("opencalls_send_delay_seconds_bucket") && l.contains(&worker))
+            .map(value)
+            .collect();
+        assert_eq!(buckets.len(), opencalls_sfu::delay::BOUNDS_US.len() + 1);
+        assert!(
+            buckets.windows(2).all(|b| b[0] <= b[1]),
+            "cumulative: {buckets:?}"
+        );
+        let count = m
+            .body
+            .lines()
+            .find(|l| l.starts_with("opencalls_send_delay_seconds_count") && l.contains(&worker))
+            .map(value)
+            .expect("a count per worker");
+        assert_eq!(buckets.last(), Some(&count), "+Inf bucket is the count");
+        total += count;
+    }
+    total
 }
 
 #[test]
