@@ -164,8 +164,13 @@ fn main() -> anyhow::Result<()> {
             let r = (0..cli.rounds.max(1))
                 .map(|_| world::run_step(target, scenario, step, cli.quick, sending))
                 .collect::<anyhow::Result<Vec<_>>>();
-            let (r, rounds) = match r {
-                Ok(rs) => median_round(rs),
+            let (r, rounds, server_p99s) = match r {
+                Ok(rs) => {
+                    let server: Vec<Option<f64>> =
+                        rs.iter().map(|r| r.server_ms.map(|s| s.1)).collect();
+                    let (r, rounds) = median_round(rs);
+                    (r, rounds, server)
+                }
                 Err(e) => {
                     eprintln!("  error: {e:#}");
                     let line = json!({
@@ -198,6 +203,12 @@ fn main() -> anyhow::Result<()> {
                     .iter()
                     .map(|r| r.1.map(|p| (p * 1000.0).round() / 1000.0))
                     .collect::<Vec<_>>());
+                if server_p99s.iter().any(Option::is_some) {
+                    line["rounds_p99_server_ms"] = json!(server_p99s
+                        .iter()
+                        .map(|p| p.map(|p| (p * 1000.0).round() / 1000.0))
+                        .collect::<Vec<_>>());
+                }
             }
             eprintln!("  {line}");
             writeln!(out, "{line}")?;
