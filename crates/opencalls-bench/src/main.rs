@@ -199,15 +199,12 @@ fn main() -> anyhow::Result<()> {
                 line["rounds"] = json!(rounds.len());
                 line["rounds_out_pps_per_core"] =
                     json!(rounds.iter().map(|r| r.0.round()).collect::<Vec<_>>());
-                line["rounds_p99_ms"] = json!(rounds
-                    .iter()
-                    .map(|r| r.1.map(|p| (p * 1000.0).round() / 1000.0))
-                    .collect::<Vec<_>>());
+                let ms = |ps: &mut dyn Iterator<Item = Option<f64>>| {
+                    json!(ps.map(|p| p.map(world::round3)).collect::<Vec<_>>())
+                };
+                line["rounds_p99_ms"] = ms(&mut rounds.iter().map(|r| r.1));
                 if server_p99s.iter().any(Option::is_some) {
-                    line["rounds_p99_server_ms"] = json!(server_p99s
-                        .iter()
-                        .map(|p| p.map(|p| (p * 1000.0).round() / 1000.0))
-                        .collect::<Vec<_>>());
+                    line["rounds_p99_server_ms"] = ms(&mut server_p99s.iter().copied());
                 }
             }
             eprintln!("  {line}");

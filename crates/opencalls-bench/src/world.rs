@@ -320,7 +320,8 @@ fn latency(meter: &mut Meter, p: f64) -> Option<f64> {
 fn round(x: f64) -> f64 {
     x.round()
 }
-fn round3(x: f64) -> f64 {
+/// Milliseconds (and other figures) kept to three decimals in the JSON lines.
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 fn round6(x: f64) -> f64 {
