@@ -21,6 +21,8 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let CliCommand::Serve(config) = cli.command;
     let server = opencalls_server::start(config).await?;
+    // Before the banner: whoever reads "ready" may stop us at once.
+    let stop = shutdown_signal();
     println!("opencalls is ready");
     println!(
         "  demo:          {}/  (echo: /demo/echo, room: /demo/room)",
@@ -36,25 +38,32 @@ async fn main() -> anyhow::Result<()> {
         println!("  media worker {k}: udp {}", list.join(", "));
     }
     println!("Press Ctrl-C to stop.");
-    shutdown_signal().await;
+    stop.await;
     println!("shutting down");
     server.shutdown().await;
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Installs the SIGINT and SIGTERM handlers now and returns what waits for either. A
+/// signal that comes before the handlers exist kills the process uncleanly, so this runs
+/// before anything announces the server.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut int = signal(SignalKind::interrupt()).expect("installing the SIGINT handler");
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
