@@ -9,7 +9,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 
@@ -221,7 +221,7 @@ impl Outbox {
     /// is); returns (datagrams sent, dropped). Datagrams the kernel will not take now (full
     /// buffer) are dropped, never retried in a loop. The buffer is kept (datagrams written
     /// and not queued yet stay valid) until [`Outbox::recycle`].
-    pub fn flush(&mut self, sockets: &[RawFd]) -> (u64, u64) {
+    pub fn flush(&mut self, sockets: &[impl AsFd]) -> (u64, u64) {
         let (mut sent, mut dropped) = (0u64, 0u64);
         if self.queue.is_empty() {
             return (0, 0);
@@ -234,14 +234,15 @@ impl Outbox {
             .map(|&(start, len)| IoSlice::new(&buf[start..start + len]))
             .collect();
         let datagrams = |sends: &[&Queued]| sends.iter().map(|q| q.segments as u64).sum::<u64>();
-        for (index, fd) in sockets.iter().enumerate() {
+        for (index, socket) in sockets.iter().enumerate() {
+            let fd = socket.as_fd().as_raw_fd();
             let sends: Vec<&Queued> = queue.iter().filter(|q| q.socket == index).collect();
             let mut from = 0;
             while from < sends.len() {
                 let (len, segment) = Segmenting::batch(&sends[from..], self.gso);
                 if len == 0 {
                     // A run, and GSO refused: its datagrams go one by one.
-                    let (ok, failed) = send_apart(*fd, &mut self.headers, &iov, sends[from]);
+                    let (ok, failed) = send_apart(fd, &mut self.headers, &iov, sends[from]);
                     (sent, dropped) = (sent + ok, dropped + failed);
                     from += 1;
                     continue;
@@ -261,14 +262,24 @@ impl Outbox {
                         None => &mut self.headers,
                         Some(_) => &mut self.gso_headers,
                     };
-                    let result = send_many(*fd, headers, &messages[at..], &addrs[at..], segment);
+                    let result = send_many(fd, headers, &messages[at..], &addrs[at..], segment);
                     match result {
-                        Ok(done) if done > 0 => {
+                        Ok(done) => {
                             sent += datagrams(&batch[at..at + done]);
                             at += done;
+                            // The kernel stopped at this message and keeps its error to
+                            // itself (`sendmmsg` reports only how many it took). It is
+                            // dropped, not sent again: a datagram a filter refused must
+                            // stay refused (retried, one got through, and Chromium saw no
+                            // loss for a quarter of what nftables dropped). A full buffer
+                            // shows on the next call, which stops at once.
+                            if let Some(q) = batch.get(at) {
+                                dropped += q.segments as u64;
+                                at += 1;
+                            }
                         }
                         // The socket's buffer is full: the rest would fail the same way.
-                        Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ENOBUFS) => {
+                        Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::ENOBUFS) => {
                             dropped += datagrams(&batch[at..]);
                             at = batch.len();
                         }
@@ -282,7 +293,7 @@ impl Outbox {
                         ) if segment.is_some() => {
                             let q = batch[at];
                             at += 1;
-                            let (ok, failed) = send_apart(*fd, &mut self.headers, &iov, q);
+                            let (ok, failed) = send_apart(fd, &mut self.headers, &iov, q);
                             (sent, dropped) = (sent + ok, dropped + failed);
                             if ok > 0 {
                                 tracing::warn!(
@@ -439,7 +450,7 @@ mod tests {
         for i in 0..(BATCH + 5) {
             out.push(0, to, &vec![i as u8; 10 + i]);
         }
-        let (sent, dropped) = out.flush(&[a.as_raw_fd()]);
+        let (sent, dropped) = out.flush(&[&a]);
         assert_eq!((sent, dropped), ((BATCH + 5) as u64, 0));
         let mut inbox = Inbox::new();
         let mut seen = Vec::new();
@@ -483,7 +494,7 @@ mod tests {
             assert_eq!(out.queue[0].segments, 6);
             assert!(!out.queue[0].open);
         }
-        let (sent, dropped) = out.flush(&[a.as_raw_fd()]);
+        let (sent, dropped) = out.flush(&[&a]);
         assert_eq!((sent, dropped), (10, 0));
         #[cfg(target_os = "linux")]
         assert!(out.gso, "the kernel took the GSO sends");
@@ -543,7 +554,7 @@ mod tests {
         }
         // As after a refusal earlier in the flush: runs already queued must go apart.
         out.gso = false;
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (5, 0));
+        assert_eq!(out.flush(&[&a]), (5, 0));
         assert_eq!(recv_all(&b, 5), want);
     }
 
@@ -567,7 +578,7 @@ mod tests {
             }
             want[i] = datagrams;
         }
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (20, 0));
+        assert_eq!(out.flush(&[&a]), (20, 0));
         assert_eq!(recv_all(&b, 10), want[0]);
         assert_eq!(recv_all(&c, 10), want[1]);
     }
@@ -585,7 +596,7 @@ mod tests {
         out.push(0, refused, &[2; 50]);
         run(&mut out, refused, 3);
         run(&mut out, c.local_addr().unwrap(), 4);
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (6, 4));
+        assert_eq!(out.flush(&[&a]), (6, 4));
         assert!(out.gso || cfg!(not(target_os = "linux")));
         assert_eq!(recv_all(&b, 3), vec![vec![1u8; 100]; 3]);
         assert_eq!(recv_all(&c, 3), vec![vec![4u8; 100]; 3]);
@@ -648,7 +659,7 @@ mod tests {
         if out.gso {
             assert_eq!(out.queue.len(), 3, "a single and two runs");
         }
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (9, 0));
+        assert_eq!(out.flush(&[&a]), (9, 0));
         let mut want_b = vec![vec![99u8; 30]];
         want_b.extend((0..4u8).map(|k| vec![k; 100]));
         assert_eq!(recv_all(&b, 5), want_b);
@@ -672,9 +683,9 @@ mod tests {
         let first = out.write(w(1)).unwrap();
         // Something else fills the outbox and is flushed meanwhile (as when it is full).
         out.push(0, to, &[2; 10]);
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (1, 0));
+        assert_eq!(out.flush(&[&a]), (1, 0));
         assert!(out.queue(0, to, first));
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (1, 0));
+        assert_eq!(out.flush(&[&a]), (1, 0));
         assert_eq!(recv_all(&b, 2), vec![vec![2u8; 10], vec![1u8; 20]]);
         // After the buffer is reused, an old one is refused, never sent as other bytes.
         let stale = out.write(w(3)).unwrap();
@@ -682,7 +693,7 @@ mod tests {
         let fresh = out.write(w(4)).unwrap();
         assert!(!out.queue(0, to, stale));
         assert!(out.queue(0, to, fresh));
-        assert_eq!(out.flush(&[a.as_raw_fd()]), (1, 0));
+        assert_eq!(out.flush(&[&a]), (1, 0));
         assert_eq!(recv_all(&b, 1), vec![vec![4u8; 20]]);
         // Trimming an empty buffer keeps at least the minimum.
         out.recycle();

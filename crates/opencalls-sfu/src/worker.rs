@@ -107,6 +107,9 @@ pub struct WorkerStats {
     pub forwarded_rtp: AtomicU64,
     /// Of those, packets sealed and sent without str0m (egress path).
     pub egress_rtp: AtomicU64,
+    /// Sequence numbers subscribers' NACKs asked for on the egress path (each NACK
+    /// entry counted once per asking, answered or not).
+    pub egress_nacked: AtomicU64,
     /// Retransmissions (RTX) the egress path sent in answer to NACKs.
     pub egress_rtx: AtomicU64,
     /// Sessions closed because of a panic.
@@ -219,10 +222,12 @@ impl MediaPlane {
                 .name(format!("media-{k}"))
                 .spawn(move || {
                     // Built on its own thread: the worker's syscall batches are not Send.
+                    let (sockets, advertised) = sockets.into_iter().unzip();
                     let worker = Worker {
                         index: k,
                         poll,
                         sockets,
+                        advertised,
                         inbox: rx,
                         peers,
                         events,
@@ -241,7 +246,6 @@ impl MediaPlane {
                         kept: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
-                        fds: Vec::new(),
                         queue: VecDeque::new(),
                         closing: Vec::new(),
                         read_at: None,
@@ -336,8 +340,10 @@ enum Msg {
 struct Worker {
     index: WorkerIndex,
     poll: Poll,
-    /// (socket, the address its host candidate advertises)
-    sockets: Vec<(UdpSocket, SocketAddr)>,
+    /// The worker's media sockets; the outbox names them by index.
+    sockets: Vec<UdpSocket>,
+    /// For each socket, the address its host candidate advertises.
+    advertised: Vec<SocketAddr>,
     inbox: Receiver<Msg>,
     peers: Vec<WorkerHandle>,
     events: Sender<MediaEvent>,
@@ -367,8 +373,6 @@ struct Worker {
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
-    /// Raw fds of `sockets`, in order, for the outbox.
-    fds: Vec<std::os::fd::RawFd>,
     /// Peer events waiting to be acted on (draining one session may touch others).
     queue: VecDeque<(SessionKey, PeerEvent)>,
     closing: Vec<(SessionKey, CloseReason)>,
@@ -383,11 +387,11 @@ struct Worker {
 /// count in `send_delay` as sent now.
 fn flush_outbox(
     outbox: &mut Outbox,
-    fds: &[std::os::fd::RawFd],
+    sockets: &[UdpSocket],
     stats: &WorkerStats,
     read_at: Option<Instant>,
 ) {
-    let (sent, dropped) = outbox.flush(fds);
+    let (sent, dropped) = outbox.flush(sockets);
     stats.tx_datagrams.fetch_add(sent, Ordering::Relaxed);
     stats.dropped_send.fetch_add(dropped, Ordering::Relaxed);
     if let (Some(at), 1..) = (read_at, sent) {
@@ -453,10 +457,8 @@ fn poll_wait(now: Instant, deadline: Instant) -> Duration {
 
 impl Worker {
     fn run(mut self) {
-        use std::os::fd::AsRawFd;
         let mut events = Events::with_capacity(64);
         let mut inbox = Inbox::new();
-        self.fds = self.sockets.iter().map(|(s, _)| s.as_raw_fd()).collect();
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
         let mut unread = false;
         while self.running {
@@ -510,7 +512,7 @@ impl Worker {
     /// however fast datagrams arrive.
     fn read_socket(&mut self, i: usize, inbox: &mut Inbox) -> bool {
         for _ in 0..READ_BATCHES_PER_TURN {
-            let n = match inbox.read(&self.sockets[i].0) {
+            let n = match inbox.read(&self.sockets[i]) {
                 Ok(0) => return true,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -521,7 +523,7 @@ impl Worker {
             self.stats
                 .rx_datagrams
                 .fetch_add(n as u64, Ordering::Relaxed);
-            let destination = self.sockets[i].1;
+            let destination = self.advertised[i];
             for k in 0..n {
                 let (data, source) = inbox.datagram(k);
                 self.handle_datagram(source, destination, data);
@@ -538,7 +540,7 @@ impl Worker {
     fn flush(&mut self) {
         self.deliver_pending();
         self.release_egress();
-        flush_outbox(&mut self.outbox, &self.fds, &self.stats, self.read_at);
+        flush_outbox(&mut self.outbox, &self.sockets, &self.stats, self.read_at);
         self.outbox.recycle();
         self.read_at = None;
     }
@@ -566,7 +568,7 @@ impl Worker {
                 incr(&self.stats.dropped_send);
             }
             if self.outbox.is_full() {
-                flush_outbox(&mut self.outbox, &self.fds, &self.stats, self.read_at);
+                flush_outbox(&mut self.outbox, &self.sockets, &self.stats, self.read_at);
             }
         }
     }
@@ -616,6 +618,9 @@ impl Worker {
             return;
         };
         let mut nacks = std::mem::take(&mut self.nacks);
+        self.stats
+            .egress_nacked
+            .fetch_add(nacks.len() as u64, Ordering::Relaxed);
         for &(mid, seq) in &nacks {
             let Some(sub) = s.subscriptions.get_mut(&mid) else {
                 continue;
@@ -683,9 +688,9 @@ impl Worker {
                         self.by_addr.insert(destination, key);
                     }
                     let sock = self
-                        .sockets
+                        .advertised
                         .iter()
-                        .position(|(_, adv)| *adv == source)
+                        .position(|adv| *adv == source)
                         .unwrap_or(0);
                     if !stun::looks_like_stun(&contents) {
                         // DTLS, SRTP and SRTCP go to the nominated pair only.
@@ -694,7 +699,7 @@ impl Worker {
                     self.outbox.push(sock, destination, &contents);
                     if self.outbox.is_full() {
                         // `session` is borrowed: flush through the fields, not `self.flush()`.
-                        flush_outbox(&mut self.outbox, &self.fds, &self.stats, self.read_at);
+                        flush_outbox(&mut self.outbox, &self.sockets, &self.stats, self.read_at);
                     }
                 }
                 PeerOutput::Event(ev) => self.queue.push_back((key, ev)),

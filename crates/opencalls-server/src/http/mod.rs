@@ -82,7 +82,7 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let counters: [(&str, &str, StatFn); 12] = [
+    let counters: [(&str, &str, StatFn); 13] = [
         (
             "opencalls_commands_total",
             "Control commands a media worker handled",
@@ -128,6 +128,11 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             "opencalls_egress_rtp_total",
             "Of the RTP packets written to subscribers, those sealed and sent without str0m",
             |s| s.egress_rtp.load(Relaxed),
+        ),
+        (
+            "opencalls_egress_nacked_total",
+            "Sequence numbers subscribers' NACKs asked for on the egress path",
+            |s| s.egress_nacked.load(Relaxed),
         ),
         (
             "opencalls_egress_rtx_total",

@@ -332,8 +332,13 @@ fn nack_rtx_recovers_loss_on_each_hop() {
         p[1].received_on(mid).len() >= 230
     });
     let (egress, rtx) = (egress_rtp(&ts), egress_rtx(&ts));
+    let nacked = worker_sum(&ts, |s| &s.egress_nacked);
     assert!(egress >= 50, "video left beside str0m: {egress} packets");
     assert!(rtx >= 9, "retransmissions answered beside str0m: {rtx}");
+    assert!(
+        nacked >= rtx,
+        "{nacked} sequence numbers NACKed, {rtx} answered"
+    );
     let got: Vec<Vec<u8>> = b
         .received_on(mid)
         .iter()
