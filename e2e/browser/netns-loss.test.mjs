@@ -2,9 +2,8 @@
 // namespace of its own (run.sh starts this file under `ip netns exec`; only loopback
 // exists there), where an nftables rule drops every 20th video datagram the
 // server's media sockets send. The browser must NACK, receive RTX for the lost video packets
-// (the server answers those NACKs itself for video it sealed beside str0m) and keep
-// decoding: its packetsLost (which counts only packets never recovered) stays far below
-// what the rule dropped.
+// (the server answers those NACKs itself for video it sealed beside str0m, and counts
+// every datagram the kernel refused it) and keep decoding.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
