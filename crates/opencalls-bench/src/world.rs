@@ -65,11 +65,13 @@ impl Scenario {
     pub fn steps(self, quick: bool) -> Vec<Step> {
         let ns: &[usize] = match (self, quick) {
             (Scenario::AudioRoom, true) => &[5, 20],
-            (Scenario::AudioRoom, false) => &[10, 25, 50, 100, 200, 300, 400],
+            (Scenario::AudioRoom, false) => &[10, 25, 50, 100, 200, 300, 400, 600, 800],
             (Scenario::Webinar, true) => &[10, 40],
-            (Scenario::Webinar, false) => &[25, 50, 100, 200, 300, 400, 500, 600],
+            (Scenario::Webinar, false) => {
+                &[25, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500]
+            }
             (Scenario::Meeting, true) => &[3, 5],
-            (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20, 24, 28],
+            (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40, 44],
             // Joins per second.
             (Scenario::JoinStorm, true) => &[20],
             (Scenario::JoinStorm, false) => &[10, 25, 50, 100, 200],
@@ -963,8 +965,12 @@ fn str0m_sources(
         .collect()
 }
 
+/// Calls' limit on the tracks of one `tracks/new` request (calls-api.md, limits).
+const TRACKS_PER_REQUEST: usize = 64;
+
 /// A subscriber joins as a Calls app makes it: `sessions/new`, `tracks/new` pulling `items`,
-/// the client's answer through `renegotiate`. Returns the session id and the pulled mids.
+/// the client's answer through `renegotiate`; more than 64 items take one such round per 64,
+/// as Calls allows no more per request. Returns the session id and the pulled mids.
 pub fn pull_session(
     api: &Api,
     p: &mut BenchPeer,
@@ -973,28 +979,29 @@ pub fn pull_session(
     let r = api.send("POST", "sessions/new", None);
     anyhow::ensure!(r.status == 201, "sessions/new failed: {}", r.body);
     let session = r.json()["sessionId"].as_str().unwrap_or("").to_string();
-    let r = api.send(
-        "POST",
-        &format!("sessions/{session}/tracks/new"),
-        Some(&json!({ "tracks": items })),
-    );
-    anyhow::ensure!(r.status == 200, "pull failed: {}", r.body);
-    let body = r.json();
-    let mids = body["tracks"]
-        .as_array()
-        .map(|ts| {
-            ts.iter()
-                .filter_map(|t| t["mid"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    let answer = p.accept_offer(body["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
-    let r = api.send(
-        "PUT",
-        &format!("sessions/{session}/renegotiate"),
-        Some(&json!({"sessionDescription": {"type": "answer", "sdp": answer}})),
-    );
-    anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
+    let mut mids = Vec::new();
+    for chunk in items.chunks(TRACKS_PER_REQUEST) {
+        let r = api.send(
+            "POST",
+            &format!("sessions/{session}/tracks/new"),
+            Some(&json!({ "tracks": chunk })),
+        );
+        anyhow::ensure!(r.status == 200, "pull failed: {}", r.body);
+        let body = r.json();
+        if let Some(ts) = body["tracks"].as_array() {
+            mids.extend(
+                ts.iter()
+                    .filter_map(|t| t["mid"].as_str().map(str::to_string)),
+            );
+        }
+        let answer = p.accept_offer(body["sessionDescription"]["sdp"].as_str().unwrap_or(""))?;
+        let r = api.send(
+            "PUT",
+            &format!("sessions/{session}/renegotiate"),
+            Some(&json!({"sessionDescription": {"type": "answer", "sdp": answer}})),
+        );
+        anyhow::ensure!(r.status == 200, "renegotiate failed: {}", r.body);
+    }
     Ok((session, mids))
 }
 
