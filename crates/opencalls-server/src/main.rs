@@ -10,8 +10,31 @@ use opencalls_server::config::{Cli, CliCommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    no_transparent_huge_pages();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+/// Turns transparent huge pages off for the whole process, before the runtime and the media
+/// workers start. mimalloc asks for them on its arenas, and the first touch of each 2 MiB
+/// page is zeroed inside whatever touched it: a media worker growing a map for a new
+/// session stalled forwarding for 5 to 40 ms, so during a join storm (100 joins a second
+/// over a webinar) the other participants' media p99 was 6 to 26 ms; without them, ~1 ms,
+/// at the same CPU per packet (docs/benchmarks.md).
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!(
+            "could not turn transparent huge pages off ({e}); media may stall on page faults"
+        );
+    }
+}
+
+async fn serve() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

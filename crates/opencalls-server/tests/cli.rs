@@ -1,5 +1,6 @@
 //! The `opencalls` binary as a user runs it: the default app is created once and survives
-//! restarts, startup prints how to connect, /healthz answers, SIGTERM stops it cleanly.
+//! restarts, startup prints how to connect, /healthz answers, SIGTERM stops it cleanly, and
+//! the process runs without transparent huge pages.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -122,5 +123,24 @@ fn default_app_persists_and_sigterm_is_clean() {
         "same app after a restart"
     );
     assert!(sigterm_and_wait(second).success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The process runs without transparent huge pages (see `no_transparent_huge_pages` in
+/// main.rs: a 2 MiB page's first touch stalled a media worker for milliseconds).
+#[cfg(target_os = "linux")]
+#[test]
+fn transparent_huge_pages_are_off() {
+    let dir = std::env::temp_dir().join(format!("opencalls-cli-thp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let s = start(&dir);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.child.id()))
+        .expect("the server's /proc status");
+    let thp = status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(str::trim);
+    assert_eq!(thp, Some("0"), "THP_enabled in /proc/PID/status:\n{status}");
+    assert!(sigterm_and_wait(s).success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
