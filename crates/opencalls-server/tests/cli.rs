@@ -140,7 +140,9 @@ fn transparent_huge_pages_are_off() {
         .lines()
         .find_map(|l| l.strip_prefix("THP_enabled:"))
         .map(str::trim);
-    assert_eq!(thp, Some("0"), "THP_enabled in /proc/PID/status:\n{status}");
-    assert!(sigterm_and_wait(s).success());
+    // Stop the server before asserting, so a failure leaves no process behind.
+    let stopped = sigterm_and_wait(s);
     std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(thp, Some("0"), "THP_enabled in /proc/PID/status:\n{status}");
+    assert!(stopped.success());
 }
