@@ -965,12 +965,9 @@ fn str0m_sources(
         .collect()
 }
 
-/// Calls' limit on the tracks of one `tracks/new` request (calls-api.md, limits).
-const TRACKS_PER_REQUEST: usize = 64;
-
 /// A subscriber joins as a Calls app makes it: `sessions/new`, `tracks/new` pulling `items`,
-/// the client's answer through `renegotiate`; more than 64 items take one such round per 64,
-/// as Calls allows no more per request. Returns the session id and the pulled mids.
+/// the client's answer through `renegotiate`; more items than Calls allows per request
+/// (`MAX_TRACKS_PER_REQUEST`, 64) take one such round per 64. Returns the session id and the pulled mids.
 pub fn pull_session(
     api: &Api,
     p: &mut BenchPeer,
@@ -980,7 +977,7 @@ pub fn pull_session(
     anyhow::ensure!(r.status == 201, "sessions/new failed: {}", r.body);
     let session = r.json()["sessionId"].as_str().unwrap_or("").to_string();
     let mut mids = Vec::new();
-    for chunk in items.chunks(TRACKS_PER_REQUEST) {
+    for chunk in items.chunks(opencalls_api::MAX_TRACKS_PER_REQUEST) {
         let r = api.send(
             "POST",
             &format!("sessions/{session}/tracks/new"),
