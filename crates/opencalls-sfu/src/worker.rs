@@ -403,12 +403,14 @@ fn flush_outbox(
 /// turn before it runs commands and timers.
 const READ_BATCHES_PER_TURN: usize = 8;
 
-/// On the egress path, one packet in this many still goes through str0m (every 4 s for
-/// 20 ms audio, ~1.5 s for video), so its sender reports keep a current RTP time: str0m
-/// extrapolates it from its last write by the wall clock, which drifts from the sender's
-/// media clock by parts per million (well under a millisecond over seconds). Each such
-/// write costs a str0m round over the whole session (every m-line), done at once.
-const EGRESS_STR0M_EVERY: u32 = 200;
+/// On the egress path, one packet in this many still goes through str0m (every 20 s for
+/// 20 ms audio, ~6 s for 1.5 Mbit/s video), so its sender reports keep a current RTP time:
+/// str0m extrapolates it from its last write by the wall clock, which drifts from the
+/// sender's media clock by parts per million (a few milliseconds over 20 s at 100 ppm; lip
+/// sync tolerates tens). Each such write costs a str0m round over the whole session (every
+/// m-line) and str0m's own send, ~20 µs with the session's state out of cache: at one in
+/// 200 that was 5–7 % of a worker's CPU in a 32-person meeting (docs/benchmarks.md).
+const EGRESS_STR0M_EVERY: u32 = 1000;
 
 /// Subscribers whose state [`Worker::read_ahead`] reads before their packets are sealed:
 /// enough for the reads to overlap, few enough (about 10 cache lines each) to stay in L1.

@@ -72,7 +72,7 @@ fn push_pull_forwards(workers: usize) {
     // Nothing of the audio track reaches B: it did not pull it.
     assert_eq!(b.received.len(), got.len());
     // Video leaves beside str0m too (the worker keeps it for NACKs, see
-    // nack_rtx_recovers_loss_on_each_hop): all but the first and one in 200.
+    // nack_rtx_recovers_loss_on_each_hop): all but the first and one in 1000.
     let egress = egress_rtp(&ts);
     assert!(egress >= 50, "video egress path used: {egress} packets");
 
@@ -241,9 +241,9 @@ fn a_burst_keeps_its_order_across_both_ways_out() {
 #[test]
 fn audio_beside_str0m_keeps_sender_reports_in_step_with_the_packets() {
     // Real-time audio (20 ms, 960 ticks at 48 kHz) for longer than str0m's 5 s audio report
-    // interval: most packets leave beside str0m, one in 200 through it, and the sender
-    // reports (which receivers use for A/V sync) must still map the RTP time of the packets
-    // the subscriber is getting.
+    // interval: every packet but the first leaves beside str0m (one in 1000 goes through
+    // it, see `EGRESS_STR0M_EVERY`), and the sender reports (which receivers use for A/V
+    // sync) must still map the RTP time of the packets the subscriber is getting.
     let ts = TestServer::start(1);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Audio], "mic");
@@ -278,8 +278,8 @@ fn audio_beside_str0m_keeps_sender_reports_in_step_with_the_packets() {
         .find(|r| r.mid == mid && r.received_before > 0)
         .expect("a sender report for the audio m-line arrived while media flowed");
     // The packet that arrived just before the report: its RTP time and the report's agree
-    // to within a few packets (the report extrapolates from str0m's last write by the wall
-    // clock; up to 49 packets, ~1 s, can have left beside str0m since).
+    // to within a few packets (the report extrapolates from str0m's last write, here the
+    // first packet, by the wall clock).
     let last = b.received[sr.received_before - 1].rtp_time;
     let gap = sr.rtp_time.wrapping_sub(last) as i32;
     assert!(
@@ -321,15 +321,15 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0]);
     let mid = mids[0];
     // Lose packets publisher → SFU, and (other ones) SFU → subscriber: sealed beside
-    // str0m (10, 28, 29) and, among 200..=205, the 200th packet, written through str0m (the
-    // first and one in 200 are, see `EGRESS_STR0M_EVERY`; the three retransmissions before
-    // it make it the 203rd datagram): the worker answers NACKs for both kinds.
+    // str0m (10, 28, 29) and, among 1000..=1005, the 1000th packet, written through str0m (the
+    // first and one in 1000 are, see `EGRESS_STR0M_EVERY`; the three retransmissions before
+    // it make it the 1003rd datagram): the worker answers NACKs for both kinds.
     a.peer.drop_outgoing_rtp = vec![20, 35];
-    b.drop_incoming_rtp = vec![10, 28, 29, 200, 201, 202, 203, 204, 205];
+    b.drop_incoming_rtp = vec![10, 28, 29, 1000, 1001, 1002, 1003, 1004, 1005];
     let pt = a.peer.pt(Codec::Vp8);
-    let sent = stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 500, 230);
+    let sent = stream(&mut a.peer, &mut [&mut b], a.mids[0], pt, 500, 1030);
     pump(&mut [&mut a.peer, &mut b], Duration::from_secs(2), |p| {
-        p[1].received_on(mid).len() >= 230
+        p[1].received_on(mid).len() >= 1030
     });
     let (egress, rtx) = (egress_rtp(&ts), egress_rtx(&ts));
     let nacked = worker_sum(&ts, |s| &s.egress_nacked);
@@ -352,8 +352,8 @@ fn nack_rtx_recovers_loss_on_each_hop() {
     let mut seqs: Vec<u64> = b.received_on(mid).iter().map(|r| r.seq).collect();
     seqs.sort();
     seqs.dedup();
-    assert_eq!(seqs.len(), 230);
-    assert_eq!(seqs[229] - seqs[0], 229);
+    assert_eq!(seqs.len(), 1030);
+    assert_eq!(seqs[1029] - seqs[0], 1029);
 }
 
 #[test]
