@@ -96,6 +96,13 @@ pub(crate) struct Written {
     generation: u32,
 }
 
+impl Written {
+    /// The datagram's length in bytes.
+    pub fn size(&self) -> usize {
+        self.len
+    }
+}
+
 /// One queued send: a datagram, or a run of datagrams to one destination that the kernel
 /// splits (UDP GSO, `UDP_SEGMENT`), all of the first one's size but the last, which may be
 /// shorter. Its datagrams are `Outbox::parts[first..first + segments]`.

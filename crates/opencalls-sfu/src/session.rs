@@ -152,31 +152,99 @@ pub(crate) struct Session {
     pub egress_out: EgressQueue,
 }
 
-/// A session's packets sealed beside str0m (into the worker's outbox buffer), waiting for
-/// the worker's flush to queue them.
+/// A session's packets sealed beside str0m (into the worker's outbox buffer), each with
+/// the m-line it is for, waiting for the worker's flush to queue them.
 #[derive(Debug, Default)]
-pub struct EgressQueue(Vec<Written>);
+pub struct EgressQueue {
+    out: Vec<(Written, Mid)>,
+    /// Scratch for [`gso_order`].
+    lines: Vec<LineRun>,
+}
 
 impl EgressQueue {
-    /// Queues a packet; true when it is the first of this batch (the session then needs a
-    /// place on the worker's list of sessions to release).
-    pub fn push(&mut self, datagram: Written) -> bool {
-        self.0.push(datagram);
-        self.0.len() == 1
+    /// Queues a packet for m-line `mid`; true when it is the first of this batch (the
+    /// session then needs a place on the worker's list of sessions to release).
+    pub fn push(&mut self, datagram: Written, mid: Mid) -> bool {
+        self.out.push((datagram, mid));
+        self.out.len() == 1
     }
 
-    pub fn drain(&mut self) -> std::vec::Drain<'_, Written> {
-        self.0.drain(..)
+    /// Takes the packets in the order they leave (see [`gso_order`]).
+    pub fn drain(&mut self) -> impl Iterator<Item = Written> + '_ {
+        gso_order(&mut self.out, &mut self.lines, Written::size);
+        self.out.drain(..).map(|(datagram, _)| datagram)
     }
 
     /// Reads the queue's header, for `Session::touch`.
     pub fn touch(&self) -> u64 {
-        self.0.capacity() as u64
+        self.out.capacity() as u64
     }
 
     pub fn clear(&mut self) {
-        self.0.clear();
+        self.out.clear();
     }
+}
+
+/// One m-line's packets in a session's batch, for [`gso_order`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LineRun {
+    mid: Mid,
+    /// Where its first packet is in the batch.
+    first: usize,
+    first_size: usize,
+    last_size: usize,
+}
+
+impl LineRun {
+    /// Larger first packets first; among equal ones, m-lines that end shorter last (their
+    /// short packet ends a GSO run); then the batch's order.
+    fn key(&self) -> (std::cmp::Reverse<usize>, bool, usize) {
+        (
+            std::cmp::Reverse(self.first_size),
+            self.last_size < self.first_size,
+            self.first,
+        )
+    }
+}
+
+/// Orders one session's packets of an input batch so that UDP GSO sends carry as many as
+/// they can. The outbox makes one send of back-to-back datagrams of one size (a shorter one
+/// ending it), and the fan-out queues a subscriber's packets track by track, so a run of
+/// video packets would end at every audio packet between two video tracks. Each m-line's
+/// packets keep their order (they are one RTP stream and its retransmissions); whole
+/// m-lines move: those whose first packet is larger go first, and among equal ones an
+/// m-line whose last packet is shorter (a frame's end) goes after those that run on.
+pub(crate) fn gso_order<T>(
+    items: &mut [(T, Mid)],
+    lines: &mut Vec<LineRun>,
+    size: impl Fn(&T) -> usize,
+) {
+    if items.len() < 2 {
+        return;
+    }
+    lines.clear();
+    for (i, (item, mid)) in items.iter().enumerate() {
+        let n = size(item);
+        match lines.iter_mut().find(|l| l.mid == *mid) {
+            Some(l) => l.last_size = n,
+            None => lines.push(LineRun {
+                mid: *mid,
+                first: i,
+                first_size: n,
+                last_size: n,
+            }),
+        }
+    }
+    if lines.len() < 2 {
+        return;
+    }
+    // Stable: packets of one m-line share a key and keep their order.
+    items.sort_by_key(|(_, mid)| {
+        lines
+            .iter()
+            .find(|l| l.mid == *mid)
+            .map_or((std::cmp::Reverse(0), true, usize::MAX), LineRun::key)
+    });
 }
 
 impl Session {
@@ -254,6 +322,56 @@ impl HasTimer for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `gso_order` over packets given as (name, size, m-line) and names the result.
+    fn gso_ordered(packets: &[(&'static str, usize, &str)]) -> Vec<&'static str> {
+        let mut items: Vec<((&'static str, usize), Mid)> = packets
+            .iter()
+            .map(|&(name, size, mid)| ((name, size), Mid::from(mid)))
+            .collect();
+        gso_order(&mut items, &mut Vec::new(), |p| p.1);
+        items.iter().map(|((name, _), _)| *name).collect()
+    }
+
+    #[test]
+    fn video_of_several_tracks_goes_back_to_back_before_audio() {
+        let order = gso_ordered(&[
+            ("a1", 1100, "0"),
+            ("a2", 1100, "0"),
+            ("b1", 150, "1"),
+            ("c1", 1100, "2"),
+        ]);
+        assert_eq!(order, ["a1", "a2", "c1", "b1"]);
+    }
+
+    #[test]
+    fn a_track_ending_in_a_shorter_packet_ends_the_run() {
+        let order = gso_ordered(&[
+            ("a1", 1100, "0"),
+            ("a2", 1100, "0"),
+            ("a3", 700, "0"),
+            ("c1", 1100, "2"),
+            ("c2", 1100, "2"),
+        ]);
+        assert_eq!(order, ["c1", "c2", "a1", "a2", "a3"]);
+    }
+
+    #[test]
+    fn each_m_line_keeps_its_own_order_whatever_the_sizes() {
+        // A frame's short last packet, then the next frame's first: they stay in order,
+        // and the m-line moves whole behind the one whose first packet is larger.
+        let order = gso_ordered(&[
+            ("a1", 700, "0"),
+            ("a2", 1100, "0"),
+            ("b1", 90, "1"),
+            ("c1", 1100, "2"),
+            ("b2", 200, "1"),
+        ]);
+        assert_eq!(order, ["c1", "a1", "a2", "b1", "b2"]);
+        // One m-line alone is never reordered.
+        let order = gso_ordered(&[("x1", 120, "1"), ("x2", 200, "1"), ("x3", 90, "1")]);
+        assert_eq!(order, ["x1", "x2", "x3"]);
+    }
 
     fn item(preferred: Option<&str>) -> PullItem {
         PullItem {

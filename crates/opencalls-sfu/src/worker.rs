@@ -649,7 +649,7 @@ impl Worker {
                 .write(|buf| s.peer.seal_rtx(buf, stream, packet));
             if let Some(datagram) = sealed {
                 incr(&self.stats.egress_rtx);
-                if s.egress_out.push(datagram) {
+                if s.egress_out.push(datagram, mid) {
                     self.egress_due.push(key);
                 }
             }
@@ -1001,7 +1001,7 @@ impl Worker {
                         sub.egress_run += 1;
                         incr(&self.stats.forwarded_rtp);
                         incr(&self.stats.egress_rtp);
-                        if s.egress_out.push(datagram) {
+                        if s.egress_out.push(datagram, mid) {
                             self.egress_due.push(key);
                         }
                         continue;
