@@ -144,117 +144,215 @@ impl KeyframePacer {
     }
 }
 
-/// Packets kept for retransmission per subscription: about 2.7 s of 1.5 Mbit/s video
-/// (190 packets a second), more than any NACK asks for (a NACK older than a round trip or
-/// two is useless).
-const HISTORY_LEN: usize = 512;
+/// Outgoing sequence numbers a subscription can still be asked for: about 2.7 s of
+/// 1.5 Mbit/s video (190 packets a second), more than any NACK asks for (a NACK older than a
+/// round trip or two is useless).
+const HISTORY_LEN: u64 = 512;
+
+/// Runs a [`History`] keeps besides the current one: a new run starts where the mapping
+/// from outgoing numbers to the track's [`Recent`] breaks (upstream loss, a reordered
+/// packet, a source switch, another simulcast layer's packets in between), so this many
+/// cover the window even when every packet is its own run.
+const MAX_RUNS: usize = HISTORY_LEN as usize;
 
 /// How often one packet may be sent again: a receiver re-asks when a retransmission is
 /// lost too; past this its requests are not loss but abuse (each answer costs us a packet).
 const MAX_RESENDS: u8 = 3;
 
-/// One packet as it left for a subscriber (outgoing numbering), 16 bytes: four to a cache
-/// line, since every subscriber writes one per packet. The payload stays in the track's
-/// [`Recent`], named by `packet`.
-#[derive(Debug, Clone, Copy, Default)]
+/// Packets recently resent, with their counts, per subscription (for [`MAX_RESENDS`]).
+const RESENT_KEPT: usize = 32;
+
+/// Resends a subscription may have in hand: one is earned per packet sent, so answering
+/// NACKs never sends more than the stream itself over time, whatever a receiver asks.
+const MAX_CREDIT: u32 = 256;
+
+/// A retransmission a [`History`] allows: where its payload is in the track's [`Recent`],
+/// and what to rewrite its header with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Sent {
-    /// The low 32 bits of its extended sequence number.
-    seq: u32,
-    /// The low 32 bits of its payload's index in the track's [`Recent`].
-    packet: u32,
-    pub rtp_time: u32,
+    /// Its payload's index in the track's [`Recent`].
+    pub packet: u64,
+    /// Outgoing minus incoming RTP time.
+    pub ts_offset: u32,
     pub pt: u8,
-    pub marker: bool,
-    /// Times sent again; an empty slot reads as resent enough.
-    resends: u8,
 }
 
-/// The last [`HISTORY_LEN`] packets sent to one subscriber, by outgoing sequence number.
-/// Its entries name payloads in the [`Recent`] of the track it was pulling then.
+/// Packets sent with consecutive outgoing numbers whose payloads were consecutive in the
+/// track's [`Recent`], under one RTP time offset and payload type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    /// The first packet's extended outgoing sequence number.
+    seq: u64,
+    /// The first packet's index in the track's [`Recent`].
+    packet: u64,
+    len: u32,
+    ts_offset: u32,
+    pt: u8,
+}
+
+impl Run {
+    fn end(&self) -> u64 {
+        self.seq + u64::from(self.len)
+    }
+
+    fn continued_by(&self, seq: u64, packet: u64, ts_offset: u32, pt: u8) -> bool {
+        seq == self.end()
+            && packet == self.packet + u64::from(self.len)
+            && ts_offset == self.ts_offset
+            && pt == self.pt
+    }
+}
+
+/// What was sent to one subscriber in the last [`HISTORY_LEN`] outgoing numbers, as runs
+/// (see [`Run`]): a packet that continues the current run only counts it, in the
+/// subscription's own memory, where a table of every packet sent would cost each subscriber
+/// a store into a ring far from the rest of its state per packet (a cache miss at fan-out
+/// sizes). Entries name payloads in the [`Recent`] of the track it was pulling then.
 #[derive(Debug, Default)]
 pub(crate) struct History {
-    slots: Vec<Sent>,
+    current: Option<Run>,
+    /// Closed runs, oldest first.
+    older: std::collections::VecDeque<Run>,
+    /// The newest outgoing number sent.
     latest: u64,
+    /// Resends in hand (see [`MAX_CREDIT`]).
+    credit: u32,
+    /// Recently resent numbers and their counts, oldest first.
+    resent: Vec<(u64, u8)>,
 }
 
 impl History {
     /// Remembers a packet just sent: outgoing number `seq`, payload `packet` in the track's
-    /// [`Recent`].
-    pub fn push(&mut self, seq: u64, rtp_time: u32, marker: bool, pt: u8, packet: u64) {
-        if self.slots.is_empty() {
-            let empty = Sent {
-                resends: MAX_RESENDS,
-                ..Sent::default()
-            };
-            self.slots.resize(HISTORY_LEN, empty);
-        }
+    /// [`Recent`], outgoing RTP time minus incoming `ts_offset`, payload type `pt`.
+    pub fn push(&mut self, seq: u64, ts_offset: u32, pt: u8, packet: u64) {
         self.latest = self.latest.max(seq);
-        self.slots[(seq % HISTORY_LEN as u64) as usize] = Sent {
-            seq: seq as u32,
-            packet: packet as u32,
-            rtp_time,
+        self.credit = (self.credit + 1).min(MAX_CREDIT);
+        if let Some(run) = &mut self.current {
+            if run.continued_by(seq, packet, ts_offset, pt) {
+                run.len += 1;
+                return;
+            }
+            self.older.push_back(*run);
+            let window = self.latest.saturating_sub(HISTORY_LEN);
+            while self
+                .older
+                .front()
+                .is_some_and(|r| r.end() <= window || self.older.len() > MAX_RUNS)
+            {
+                self.older.pop_front();
+            }
+        }
+        self.current = Some(Run {
+            seq,
+            packet,
+            len: 1,
+            ts_offset,
             pt,
-            marker,
-            resends: 0,
-        };
+        });
     }
 
-    /// Reads the slot the next `push` writes, for `Subscription::touch`.
+    /// Reads the current run, for `Subscription::touch`.
     pub fn touch(&self) -> u64 {
-        let next = (self.latest.wrapping_add(1) % HISTORY_LEN as u64) as usize;
-        self.slots.get(next).map_or(0, |s| u64::from(s.seq))
+        self.current.map_or(0, |r| u64::from(r.len))
     }
 
     /// The packet a NACK names by its 16-bit sequence number, with its extended number, if
     /// still held and not sent again too often already; counts the resend.
     pub fn resend(&mut self, seq: u16) -> Option<(u64, Sent)> {
+        self.current?;
         // The extended number closest below or at the newest one sent.
         let mut ext = (self.latest & !0xffff) | u64::from(seq);
         if ext > self.latest {
             ext = ext.checked_sub(1 << 16)?;
         }
-        let slot = (ext % HISTORY_LEN as u64) as usize;
-        let sent = self.slots.get_mut(slot)?;
-        if sent.seq != ext as u32 || sent.resends >= MAX_RESENDS {
+        if self.latest - ext >= HISTORY_LEN || self.credit == 0 {
             return None;
         }
-        sent.resends += 1;
-        Some((ext, *sent))
+        let run = self
+            .current
+            .iter()
+            .chain(self.older.iter().rev())
+            .find(|r| r.seq <= ext && ext < r.end())?;
+        let sent = Sent {
+            packet: run.packet + (ext - run.seq),
+            ts_offset: run.ts_offset,
+            pt: run.pt,
+        };
+        match self.resent.iter_mut().find(|(s, _)| *s == ext) {
+            Some((_, n)) if *n >= MAX_RESENDS => return None,
+            Some((_, n)) => *n += 1,
+            None => {
+                if self.resent.len() == RESENT_KEPT {
+                    self.resent.remove(0);
+                }
+                self.resent.push((ext, 1));
+            }
+        }
+        self.credit -= 1;
+        Some((ext, sent))
     }
 }
 
 /// Payloads kept per track and worker for its subscribers' retransmissions: the last
-/// [`HISTORY_LEN`] of the track (~2.7 s of 1.5 Mbit/s video; spread over its simulcast
+/// [`RECENT_LEN`] of the track (~2.7 s of 1.5 Mbit/s video; spread over its simulcast
 /// layers, still more than a NACK round trip). Every payload held costs its size for that
 /// long: 2048 held 2.3 MB per video track.
-const RECENT_LEN: usize = HISTORY_LEN;
+const RECENT_LEN: usize = HISTORY_LEN as usize;
+
+/// A payload [`Recent`] holds, with the incoming header fields a retransmission needs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Kept<'a> {
+    pub payload: &'a Arc<[u8]>,
+    /// Incoming RTP time.
+    pub rtp_time: u32,
+    pub marker: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct RecentSlot {
+    index: u64,
+    payload: Option<Arc<[u8]>>,
+    rtp_time: u32,
+    marker: bool,
+}
 
 /// The payloads one track's subscribers on a worker were recently sent, held once for all
 /// of them (each subscriber's [`History`] names them by index): one reference per packet,
 /// not one per packet and subscriber.
 #[derive(Debug, Default)]
 pub(crate) struct Recent {
-    slots: Vec<(u64, Option<Arc<[u8]>>)>,
+    slots: Vec<RecentSlot>,
     next: u64,
 }
 
 impl Recent {
-    /// Keeps a payload; returns its index.
-    pub fn push(&mut self, payload: Arc<[u8]>) -> u64 {
+    /// Keeps a payload with its incoming RTP time and marker; returns its index.
+    pub fn push(&mut self, payload: Arc<[u8]>, rtp_time: u32, marker: bool) -> u64 {
         if self.slots.is_empty() {
-            self.slots.resize(RECENT_LEN, (0, None));
+            self.slots.resize(RECENT_LEN, RecentSlot::default());
         }
         let index = self.next;
         self.next += 1;
-        self.slots[(index % RECENT_LEN as u64) as usize] = (index, Some(payload));
+        self.slots[(index % RECENT_LEN as u64) as usize] = RecentSlot {
+            index,
+            payload: Some(payload),
+            rtp_time,
+            marker,
+        };
         index
     }
 
-    /// The payload a [`Sent`] names, if still kept.
-    pub fn get(&self, sent: &Sent) -> Option<&Arc<[u8]>> {
-        // RECENT_LEN (a power of two) divides 2^32, so the low 32 bits find the slot.
-        let (index, payload) = self.slots.get(sent.packet as usize % RECENT_LEN)?;
-        (*index as u32 == sent.packet).then_some(payload.as_ref()?)
+    /// The payload with index `packet`, if still kept.
+    pub fn get(&self, packet: u64) -> Option<Kept<'_>> {
+        let slot = self.slots.get((packet % RECENT_LEN as u64) as usize)?;
+        if slot.index != packet {
+            return None;
+        }
+        Some(Kept {
+            payload: slot.payload.as_ref()?,
+            rtp_time: slot.rtp_time,
+            marker: slot.marker,
+        })
     }
 }
 
@@ -316,8 +414,9 @@ mod tests {
         assert!(!p.poll_deferred(t0 + Duration::from_millis(2000)));
     }
 
+    /// Sends `seq` as the next packet of one stream: payload index seq + 7, RTP time offset 40.
     fn push(h: &mut History, seq: u64) {
-        h.push(seq, seq as u32 * 3000, false, 96, seq + 7);
+        h.push(seq, 40, 96, seq + 7);
     }
 
     #[test]
@@ -327,34 +426,95 @@ mod tests {
         for seq in 65_500..65_600u64 {
             push(&mut h, seq);
         }
+        // One run: a push only counts it.
+        assert_eq!(h.older.len(), 0);
         // 65,599 went out as 16-bit 63; 65,530 as itself.
         let (seq, sent) = h.resend(63).expect("held");
         assert_eq!(
-            (seq, sent.rtp_time, sent.packet),
-            (65_599, 65_599 * 3000, 65_606)
+            (seq, sent),
+            (
+                65_599,
+                Sent {
+                    packet: 65_606,
+                    ts_offset: 40,
+                    pt: 96
+                }
+            )
         );
         assert_eq!(h.resend(65_530).map(|s| s.0), Some(65_530));
         // Older than the history holds, or never sent.
         assert!(h.resend(65_000).is_none());
         assert!(h.resend(200).is_none());
-        // Far past: overwritten slots do not answer for their old number.
-        for seq in 65_600..(65_600 + HISTORY_LEN as u64) {
+        // Far past: out of the window.
+        for seq in 65_600..(65_600 + HISTORY_LEN) {
             push(&mut h, seq);
         }
         assert!(h.resend(63).is_none());
     }
 
     #[test]
-    fn one_packet_is_resent_at_most_max_resends_times() {
+    fn a_broken_mapping_starts_a_run_and_each_keeps_its_own() {
         let mut h = History::default();
         push(&mut h, 10);
-        // Never-written slots do not answer.
+        push(&mut h, 11);
+        // Upstream loss: outgoing 12 never sent, 13 names the next payload kept.
+        h.push(13, 40, 96, 19);
+        // A source switch: a new RTP time offset and payload type.
+        h.push(14, 7000, 97, 20);
+        push(&mut h, 15);
+        assert_eq!(h.older.len(), 3);
+        let sent = |h: &mut History, seq: u16| h.resend(seq).map(|(_, s)| s);
+        assert_eq!(sent(&mut h, 11).map(|s| s.packet), Some(18));
+        assert!(sent(&mut h, 12).is_none(), "never sent");
+        assert_eq!(sent(&mut h, 13).map(|s| s.packet), Some(19));
+        let switched = sent(&mut h, 14).expect("held");
+        assert_eq!((switched.ts_offset, switched.pt), (7000, 97));
+        assert_eq!(sent(&mut h, 15).map(|s| s.packet), Some(22));
+        // Every packet its own run (another layer's packets between each): the window is
+        // still covered, and runs past it are dropped.
+        let mut h = History::default();
+        for seq in 0..(2 * HISTORY_LEN) {
+            h.push(seq, 0, 96, 3 * seq);
+        }
+        assert!(h.older.len() <= MAX_RUNS);
+        let newest = 2 * HISTORY_LEN - 1;
+        assert_eq!(
+            h.resend((newest - 300) as u16).map(|(_, s)| s.packet),
+            Some(3 * (newest - 300))
+        );
+    }
+
+    #[test]
+    fn one_packet_is_resent_at_most_max_resends_times() {
+        let mut h = History::default();
+        for seq in 1..=10 {
+            push(&mut h, seq);
+        }
+        // Never sent: no answer.
         assert!(h.resend(11).is_none());
-        assert!(h.resend(9).is_none());
+        assert!(h.resend(0).is_none());
         for _ in 0..MAX_RESENDS {
             assert!(h.resend(10).is_some());
         }
         assert!(h.resend(10).is_none());
+    }
+
+    #[test]
+    fn resends_never_outnumber_the_packets_sent() {
+        let mut h = History::default();
+        for seq in 0..20 {
+            push(&mut h, seq);
+        }
+        // A receiver asking for everything again and again gets at most one resend per
+        // packet sent, however it spreads its requests.
+        let answered = (0..20u16)
+            .cycle()
+            .take(1000)
+            .filter(|seq| h.resend(*seq).is_some())
+            .count();
+        assert_eq!(answered, 20);
+        push(&mut h, 20);
+        assert!(h.resend(20).is_some(), "credit earned by the next packet");
     }
 
     #[test]
@@ -363,17 +523,17 @@ mod tests {
         let mut h = History::default();
         let payload = |i: u64| Arc::<[u8]>::from(vec![i as u8; 3]);
         for i in 0..(RECENT_LEN as u64 + 10) {
-            let index = r.push(payload(i));
-            h.push(i, 0, false, 96, index);
+            let index = r.push(payload(i), 3000 * i as u32, i % 6 == 5);
+            h.push(i, 0, 96, index);
         }
-        // The newest is there; one overwritten by a later payload is not.
+        // The newest is there, with its header fields; one overwritten by a later payload
+        // is not.
         let (_, newest) = h.resend((RECENT_LEN as u64 + 9) as u16).expect("held");
-        assert_eq!(r.get(&newest).map(|p| p[0]), Some((RECENT_LEN + 9) as u8));
-        let old = Sent {
-            packet: 5,
-            ..Sent::default()
-        };
-        assert!(r.get(&old).is_none());
-        assert!(Recent::default().get(&old).is_none());
+        let kept = r.get(newest.packet).expect("kept");
+        assert_eq!(kept.payload[0], (RECENT_LEN + 9) as u8);
+        assert_eq!(kept.rtp_time, 3000 * (RECENT_LEN as u32 + 9));
+        assert!(kept.marker);
+        assert!(r.get(5).is_none());
+        assert!(Recent::default().get(5).is_none());
     }
 }

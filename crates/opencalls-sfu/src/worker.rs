@@ -634,15 +634,15 @@ impl Worker {
                 continue;
             };
             let recent = self.subscribers.get(&sub.source).map(|f| &f.recent);
-            let Some(payload) = recent.and_then(|r| r.get(&sent)) else {
+            let Some(kept) = recent.and_then(|r| r.get(sent.packet)) else {
                 continue;
             };
             let packet = RtpRef {
                 pt: sent.pt,
                 seq,
-                rtp_time: sent.rtp_time,
-                marker: sent.marker,
-                payload,
+                rtp_time: kept.rtp_time.wrapping_add(sent.ts_offset),
+                marker: kept.marker,
+                payload: kept.payload,
             };
             let sealed = self
                 .outbox
@@ -915,7 +915,7 @@ impl Worker {
 
     /// Reads the state [`Worker::deliver_to`] will use for each of `subs`, so that it is in
     /// cache when their packets are sealed. Each subscriber's state lies behind a chain of
-    /// lookups (session, subscription, history) that misses the cache at every link at fan-out
+    /// lookups (session, then subscription) that misses the cache at every link at fan-out
     /// sizes; met one subscriber at a time, each chain stalls the fan-out in turn, while the
     /// chains of a few subscribers read back to back here are independent and overlap.
     fn read_ahead(&self, subs: &[(SessionKey, Mid)]) {
@@ -977,8 +977,11 @@ impl Worker {
                 _ => None,
             };
             if stream.is_some_and(|stream| stream.resends()) {
-                let index = *kept[i].get_or_insert_with(|| recent.push(packet.payload.clone()));
-                sub.history.push(seq, ts, packet.marker, pt, index);
+                let index = *kept[i].get_or_insert_with(|| {
+                    recent.push(packet.payload.clone(), packet.rtp_time, packet.marker)
+                });
+                sub.history
+                    .push(seq, ts.wrapping_sub(packet.rtp_time), pt, index);
             }
             // Without str0m, except one packet in EGRESS_STR0M_EVERY (and the first): str0m's
             // sender reports take their RTP time from its last write.

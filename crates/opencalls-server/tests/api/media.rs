@@ -348,8 +348,20 @@ fn nack_rtx_recovers_loss_on_each_hop() {
         .filter(|i| !got.contains(&sent[*i]))
         .collect();
     assert!(missing.is_empty(), "lost for good: packets {missing:?}");
-    // The repaired packets kept their place in the subscriber's numbering.
-    let mut seqs: Vec<u64> = b.received_on(mid).iter().map(|r| r.seq).collect();
+    // The repaired packets kept their place in the subscriber's numbering, and their RTP
+    // time: the publisher's (3000 ticks a packet) moved by the subscriber's one offset.
+    let received = b.received_on(mid);
+    let first = &received[0];
+    for r in &received {
+        let ticks = (r.seq.wrapping_sub(first.seq) as u32).wrapping_mul(3000);
+        assert_eq!(
+            r.rtp_time.wrapping_sub(first.rtp_time),
+            ticks,
+            "RTP time of seq {}",
+            r.seq
+        );
+    }
+    let mut seqs: Vec<u64> = received.iter().map(|r| r.seq).collect();
     seqs.sort();
     seqs.dedup();
     assert_eq!(seqs.len(), 1030);
