@@ -157,8 +157,6 @@ pub(crate) struct Session {
 #[derive(Debug, Default)]
 pub struct EgressQueue {
     out: Vec<(Written, Mid)>,
-    /// Scratch for [`gso_order`].
-    lines: Vec<LineRun>,
 }
 
 impl EgressQueue {
@@ -169,9 +167,10 @@ impl EgressQueue {
         self.out.len() == 1
     }
 
-    /// Takes the packets in the order they leave (see [`gso_order`]).
-    pub fn drain(&mut self) -> impl Iterator<Item = Written> + '_ {
-        gso_order(&mut self.out, &mut self.lines, Written::size);
+    /// Takes the packets in the order they leave (see [`gso_order`]; `lines` is its
+    /// scratch, the worker's).
+    pub fn drain<'a>(&'a mut self, lines: &mut Vec<LineRun>) -> impl Iterator<Item = Written> + 'a {
+        gso_order(&mut self.out, lines, Written::size);
         self.out.drain(..).map(|(datagram, _)| datagram)
     }
 

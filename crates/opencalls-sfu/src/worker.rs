@@ -35,7 +35,7 @@ use crate::peer::{
     CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
     PeerOutput, Rid, RtpRef,
 };
-use crate::session::{Publication, Session, Subscription, TrackSlot};
+use crate::session::{LineRun, Publication, Session, Subscription, TrackSlot};
 use crate::stun;
 use crate::timers::Timers;
 
@@ -244,6 +244,7 @@ impl MediaPlane {
                         nacks: Vec::new(),
                         pending: Vec::new(),
                         kept: Vec::new(),
+                        gso_lines: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
                         outbox: Outbox::new(),
                         queue: VecDeque::new(),
@@ -370,6 +371,8 @@ struct Worker {
     pending: Vec<Pending>,
     /// Scratch: where each packet of the run sits in the track's `Recent`, once kept.
     kept: Vec<Option<u64>>,
+    /// Scratch for ordering a session's sealed packets (`session::gso_order`).
+    gso_lines: Vec<LineRun>,
     deferred_keyframes: FxHashSet<TrackKey>,
     /// Datagrams produced since the last flush (sent with sendmmsg).
     outbox: Outbox,
@@ -565,7 +568,7 @@ impl Worker {
             s.egress_out.clear();
             return;
         };
-        for d in s.egress_out.drain() {
+        for d in s.egress_out.drain(&mut self.gso_lines) {
             if !self.outbox.queue(sock, to, d) {
                 incr(&self.stats.dropped_send);
             }
