@@ -48,6 +48,31 @@ pub struct ServeConfig {
     /// how long a published track may receive no media.
     #[arg(long, env = "OPENCALLS_IDLE_TIMEOUT_SECS", default_value_t = 30)]
     pub idle_timeout_secs: u64,
+    /// The AES-GCM library that seals forwarded packets: `auto` times ring's and aws-lc-rs's
+    /// at start and keeps the faster on this CPU.
+    #[arg(long, env = "OPENCALLS_AES_GCM", value_enum, default_value_t = AesGcmArg::Auto)]
+    pub aes_gcm: AesGcmArg,
+}
+
+/// `--aes-gcm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AesGcmArg {
+    /// Time both at start, keep the faster.
+    Auto,
+    /// ring.
+    Ring,
+    /// aws-lc-rs.
+    AwsLc,
+}
+
+impl From<AesGcmArg> for opencalls_sfu::AesGcm {
+    fn from(a: AesGcmArg) -> Self {
+        match a {
+            AesGcmArg::Auto => opencalls_sfu::AesGcm::Auto,
+            AesGcmArg::Ring => opencalls_sfu::AesGcm::Ring,
+            AesGcmArg::AwsLc => opencalls_sfu::AesGcm::AwsLc,
+        }
+    }
 }
 
 impl ServeConfig {
@@ -61,6 +86,7 @@ impl ServeConfig {
             workers: Some(workers),
             data_dir: None,
             idle_timeout_secs: 30,
+            aes_gcm: AesGcmArg::Auto,
         }
     }
 

@@ -129,6 +129,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
                 disconnected: idle,
                 track_idle: idle,
             },
+            aes_gcm: config.aes_gcm.into(),
         },
         events_tx,
     )?;

@@ -251,9 +251,10 @@ impl History {
         });
     }
 
-    /// Reads the current run, for `Subscription::touch`.
+    /// Reads what a push reads and writes, for `Subscription::touch`.
     pub fn touch(&self) -> u64 {
-        self.current.map_or(0, |r| u64::from(r.len))
+        // Every field a push reads or writes (they may lie on two cache lines).
+        self.current.map_or(0, |r| u64::from(r.len)) ^ self.latest ^ u64::from(self.credit)
     }
 
     /// The packet a NACK names by its 16-bit sequence number, with its extended number, if
@@ -340,6 +341,25 @@ impl Recent {
             marker,
         };
         index
+    }
+
+    /// Reads the reference counts of the payloads the next `n` pushes will let go of (their
+    /// memory is seconds old and out of cache) and folds them into a value that means
+    /// nothing: read ahead of the pushes, with the fan-out's other reads (see
+    /// `Worker::read_ahead`), the misses overlap instead of stalling each push in turn.
+    pub fn touch_evicted(&self, n: usize) -> u64 {
+        if self.slots.is_empty() {
+            return 0;
+        }
+        (self.next..self.next + n.min(RECENT_LEN) as u64)
+            .filter_map(|i| {
+                self.slots[(i % RECENT_LEN as u64) as usize]
+                    .payload
+                    .as_ref()
+            })
+            .fold(0, |folded, payload| {
+                folded ^ Arc::strong_count(payload) as u64
+            })
     }
 
     /// The payload with index `packet`, if still kept.

@@ -15,6 +15,7 @@ mod feedback;
 mod srtp;
 
 pub use dtls::crypto_provider;
+pub use srtp::{select_aes_gcm, AesGcm, AesGcmChoice};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

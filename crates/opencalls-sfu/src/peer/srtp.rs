@@ -2,9 +2,10 @@
 //!
 //! Used by the egress path (see `Peer::egress_stream`): packets str0m never sees (audio,
 //! video and their retransmissions) are protected here with the same session keys str0m
-//! derives for its own sending context, through ring's AES-GCM (a VAES/AVX2 implementation
-//! with no per-call context: about half the cost of aws-lc-rs, str0m's library, per video
-//! packet). The remote's SRTCP is opened here too, to read NACKs (`Opener`).
+//! derives for its own sending context, through the AES-GCM that seals a video packet
+//! fastest on this CPU ([`select_aes_gcm`]: ring's VAES/AVX2 one, about half aws-lc-rs's cost
+//! on a CPU without AVX-512, or aws-lc-rs's VAES/AVX-512 one, ~20 % below ring's where the CPU
+//! has it). The remote's SRTCP is opened here too, to read NACKs (`Opener`).
 //! Sharing the keys is safe because the SRTP index of an RTP packet is its extended
 //! sequence number, the forwarder chooses every one, and each is protected by exactly one of
 //! the two senders: no (key, IV) pair ever seals two different packets.
@@ -14,8 +15,186 @@
 //! sends with the client half. Session keys follow RFC 3711 §4.3.1's AES-CM key derivation
 //! (RFC 7714 §11 uses it unchanged, with the 96-bit salt zero-padded to 112 bits).
 
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_128_GCM, AES_256_GCM};
+use std::sync::OnceLock;
+use std::time::Instant;
+
 use str0m::crypto::SrtpProvider;
+
+/// Which library's AES-GCM seals the egress path's packets and opens SRTCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AesGcm {
+    /// Time both once at start and keep the faster (see [`select_aes_gcm`]).
+    #[default]
+    Auto,
+    /// ring's.
+    Ring,
+    /// aws-lc-rs's (the library str0m and dimpl use).
+    AwsLc,
+}
+
+impl AesGcm {
+    /// The name the command line and the logs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            AesGcm::Auto => "auto",
+            AesGcm::Ring => "ring",
+            AesGcm::AwsLc => "aws-lc-rs",
+        }
+    }
+}
+
+/// What [`select_aes_gcm`] chose, and what each library took per 1,100-byte seal when it
+/// timed them (`None` when the choice was given).
+#[derive(Debug, Clone, Copy)]
+pub struct AesGcmChoice {
+    /// `Ring` or `AwsLc`.
+    pub library: AesGcm,
+    /// ring's nanoseconds per seal, when timed.
+    pub ring_ns: Option<f64>,
+    /// aws-lc-rs's nanoseconds per seal, when timed.
+    pub aws_lc_ns: Option<f64>,
+}
+
+static CHOICE: OnceLock<AesGcmChoice> = OnceLock::new();
+
+/// Settles, once per process, which AES-GCM the keys made from now on use. `Auto` times a
+/// loop of 1,100-byte AES-256-GCM seals (a video packet) with each library, alternating, and
+/// keeps the faster: ring's VAES/AVX2 code wins on CPUs without AVX-512, aws-lc's VAES/AVX-512
+/// code where it runs (both pick their code by the CPU's features at run time, so which is
+/// faster is a property of the machine, not of the build). The first call decides; later
+/// calls return that decision. Both libraries produce the same bytes (the tests hold both to
+/// RFC 7714's vectors), so the choice changes only the cost.
+pub fn select_aes_gcm(wanted: AesGcm) -> AesGcmChoice {
+    *CHOICE.get_or_init(|| match wanted {
+        AesGcm::Auto => {
+            let (ring_ns, aws_lc_ns) = time_libraries();
+            let library = if aws_lc_ns < ring_ns {
+                AesGcm::AwsLc
+            } else {
+                AesGcm::Ring
+            };
+            AesGcmChoice {
+                library,
+                ring_ns: Some(ring_ns),
+                aws_lc_ns: Some(aws_lc_ns),
+            }
+        }
+        library => AesGcmChoice {
+            library,
+            ring_ns: None,
+            aws_lc_ns: None,
+        },
+    })
+}
+
+/// The library keys use: the settled choice, or (nothing settled yet: unit tests, tools)
+/// ring.
+fn library() -> AesGcm {
+    CHOICE.get().map_or(AesGcm::Ring, |c| c.library)
+}
+
+/// Nanoseconds per 1,100-byte AES-256-GCM seal with (ring, aws-lc-rs): the best of five
+/// alternating rounds of 200 seals each (about a millisecond in all).
+fn time_libraries() -> (f64, f64) {
+    const SEALS: u32 = 200;
+    let key = [0x5au8; 32];
+    let keys = [
+        GcmKey::new(AesGcm::Ring, &key),
+        GcmKey::new(AesGcm::AwsLc, &key),
+    ];
+    let mut best = [f64::INFINITY; 2];
+    let mut payload = vec![0xa5u8; 1100];
+    let header = [0x90u8; 24];
+    for round in 0..5u32 {
+        for (k, key) in keys.iter().enumerate() {
+            let Some(key) = key else { continue };
+            let start = Instant::now();
+            for i in 0..SEALS {
+                let mut nonce = [0u8; 12];
+                nonce[4..8].copy_from_slice(&round.to_be_bytes());
+                nonce[8..].copy_from_slice(&i.to_be_bytes());
+                std::hint::black_box(key.seal(nonce, &header, &mut payload));
+            }
+            let ns = start.elapsed().as_nanos() as f64 / f64::from(SEALS);
+            best[k] = best[k].min(ns);
+        }
+    }
+    (best[0], best[1])
+}
+
+/// An AES-GCM key in one of the two libraries.
+// ring's key is held inline (its sealing reads no pointer first); there are two per session.
+#[allow(clippy::large_enum_variant)]
+enum GcmKey {
+    Ring(ring::aead::LessSafeKey),
+    AwsLc(aws_lc_rs::aead::LessSafeKey),
+}
+
+impl GcmKey {
+    /// AES-128-GCM or AES-256-GCM by the key's length (16 or 32 bytes).
+    fn new(library: AesGcm, key: &[u8]) -> Option<GcmKey> {
+        Some(match library {
+            AesGcm::AwsLc => {
+                use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_128_GCM, AES_256_GCM};
+                let algorithm = if key.len() == 16 {
+                    &AES_128_GCM
+                } else {
+                    &AES_256_GCM
+                };
+                GcmKey::AwsLc(LessSafeKey::new(UnboundKey::new(algorithm, key).ok()?))
+            }
+            AesGcm::Ring | AesGcm::Auto => {
+                use ring::aead::{LessSafeKey, UnboundKey, AES_128_GCM, AES_256_GCM};
+                let algorithm = if key.len() == 16 {
+                    &AES_128_GCM
+                } else {
+                    &AES_256_GCM
+                };
+                GcmKey::Ring(LessSafeKey::new(UnboundKey::new(algorithm, key).ok()?))
+            }
+        })
+    }
+
+    /// Encrypts `data` in place; the tag.
+    fn seal(&self, nonce: [u8; 12], aad: &[u8], data: &mut [u8]) -> Option<[u8; TAG]> {
+        let tag = match self {
+            GcmKey::Ring(key) => {
+                use ring::aead::{Aad, Nonce};
+                let nonce = Nonce::assume_unique_for_key(nonce);
+                let tag = key.seal_in_place_separate_tag(nonce, Aad::from(aad), data);
+                tag.ok()?.as_ref().try_into().ok()?
+            }
+            GcmKey::AwsLc(key) => {
+                use aws_lc_rs::aead::{Aad, Nonce};
+                let nonce = Nonce::assume_unique_for_key(nonce);
+                let tag = key.seal_in_place_separate_tag(nonce, Aad::from(aad), data);
+                tag.ok()?.as_ref().try_into().ok()?
+            }
+        };
+        Some(tag)
+    }
+
+    /// Decrypts ciphertext-and-tag `data` in place; the plaintext's length, if it
+    /// authenticates.
+    fn open(&self, nonce: [u8; 12], aad: &[u8], data: &mut [u8]) -> Option<usize> {
+        match self {
+            GcmKey::Ring(key) => {
+                use ring::aead::{Aad, Nonce};
+                let nonce = Nonce::assume_unique_for_key(nonce);
+                key.open_in_place(nonce, Aad::from(aad), data)
+                    .ok()
+                    .map(|plain| plain.len())
+            }
+            GcmKey::AwsLc(key) => {
+                use aws_lc_rs::aead::{Aad, Nonce};
+                let nonce = Nonce::assume_unique_for_key(nonce);
+                key.open_in_place(nonce, Aad::from(aad), data)
+                    .ok()
+                    .map(|plain| plain.len())
+            }
+        }
+    }
+}
 
 /// What the DTLS handshake exported for SRTP.
 #[derive(Clone)]
@@ -45,7 +224,7 @@ pub(crate) const TAG: usize = 16;
 /// One direction's AES-GCM session key and salt for RTP or for RTCP, held here so packets
 /// are sealed in place.
 struct Aead {
-    key: LessSafeKey,
+    key: GcmKey,
     salt: [u8; GCM_SALT],
 }
 
@@ -88,12 +267,7 @@ impl Aead {
         let mut key = [0u8; 32];
         let key = &mut key[..key_len];
         derive(provider, master, &master_salt, labels.0, key);
-        let algorithm = if key_len == 16 {
-            &AES_128_GCM
-        } else {
-            &AES_256_GCM
-        };
-        let key = LessSafeKey::new(UnboundKey::new(algorithm, key).ok()?);
+        let key = GcmKey::new(library(), key)?;
         Some(Aead { key, salt })
     }
 
@@ -145,17 +319,13 @@ impl Sealer {
         let iv = self.0.iv(ssrc, counter);
         let sealed = if head <= body && body <= buf.len() {
             let (aad, payload) = buf[head..].split_at_mut(body - head);
-            let nonce = Nonce::assume_unique_for_key(iv);
-            self.0
-                .key
-                .seal_in_place_separate_tag(nonce, Aad::from(&*aad), payload)
-                .ok()
+            self.0.key.seal(iv, aad, payload)
         } else {
             None
         };
         match sealed {
             Some(tag) => {
-                buf.extend_from_slice(tag.as_ref());
+                buf.extend_from_slice(&tag);
                 true
             }
             None => {
@@ -212,18 +382,13 @@ impl Opener {
         aad[8..].copy_from_slice(&e_index);
         // Header, then ciphertext and tag, opened in place.
         out.extend_from_slice(&srtcp[..trailer]);
-        let nonce = Nonce::assume_unique_for_key(iv);
-        let opened = self
-            .0
-            .key
-            .open_in_place(nonce, Aad::from(aad), &mut out[8..])
-            .map(|plain| plain.len());
+        let opened = self.0.key.open(iv, &aad, &mut out[8..]);
         match opened {
-            Ok(len) => {
+            Some(len) => {
                 out.truncate(8 + len);
                 true
             }
-            Err(_) => {
+            None => {
                 out.clear();
                 false
             }
@@ -358,40 +523,76 @@ mod tests {
 
     #[test]
     fn a_packet_sealed_with_aes_256_opens_with_str0m_s_own_cipher() {
-        // Our seal is ring's AES-GCM; str0m (and the browser) open with another
-        // implementation. Same key, IV and associated data: str0m's aws-lc cipher must open it.
+        // Our seal is ring's or aws-lc-rs's AES-GCM; str0m (and the browser) open with their
+        // own. Same key, IV and associated data: str0m's aws-lc cipher must open it.
         let key: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
         let salt: [u8; 12] = std::array::from_fn(|i| 0xa0 ^ i as u8);
-        let mut sealer = Sealer(aead(&AES_256_GCM, &key, salt));
-        let header = hex("80e1abcd 0001e240 11223344");
-        let payload: Vec<u8> = (0..1100u32).map(|i| (i * 31) as u8).collect();
-        let mut packet = [&header[..], &payload[..]].concat();
-        let index = (3u64 << 16) | 0xabcd;
-        assert!(sealer.seal(&mut packet, 0, 12, 0x1122_3344, index));
-        let iv = sealer.0.iv(0x1122_3344, [0, 0, 0, 3, 0xab, 0xcd]);
-        let mut cipher = provider().aead_aes_256_gcm().create_cipher(key, false);
-        let mut plain = vec![0u8; packet.len() - 12];
-        let n = cipher
-            .decrypt(&iv, &[&packet[..12]], &packet[12..], &mut plain)
-            .expect("str0m's cipher opens our packet");
-        assert_eq!(&plain[..n], &payload[..]);
+        for library in LIBRARIES {
+            let mut sealer = Sealer(aead(library, &key, salt));
+            let header = hex("80e1abcd 0001e240 11223344");
+            let payload: Vec<u8> = (0..1100u32).map(|i| (i * 31) as u8).collect();
+            let mut packet = [&header[..], &payload[..]].concat();
+            let index = (3u64 << 16) | 0xabcd;
+            assert!(sealer.seal(&mut packet, 0, 12, 0x1122_3344, index));
+            let iv = sealer.0.iv(0x1122_3344, [0, 0, 0, 3, 0xab, 0xcd]);
+            let mut cipher = provider().aead_aes_256_gcm().create_cipher(key, false);
+            let mut plain = vec![0u8; packet.len() - 12];
+            let n = cipher
+                .decrypt(&iv, &[&packet[..12]], &packet[12..], &mut plain)
+                .expect("str0m's cipher opens our packet");
+            assert_eq!(&plain[..n], &payload[..], "{library:?}");
+        }
     }
 
-    /// An `Aead` from a session key and salt given directly (no derivation).
-    fn aead(algorithm: &'static ring::aead::Algorithm, key: &[u8], salt: [u8; GCM_SALT]) -> Aead {
+    /// Both libraries a key can be made with.
+    const LIBRARIES: [AesGcm; 2] = [AesGcm::Ring, AesGcm::AwsLc];
+
+    /// An `Aead` from a session key (16 or 32 bytes) and salt given directly (no derivation).
+    fn aead(library: AesGcm, key: &[u8], salt: [u8; GCM_SALT]) -> Aead {
         Aead {
-            key: LessSafeKey::new(UnboundKey::new(algorithm, key).unwrap()),
+            key: GcmKey::new(library, key).unwrap(),
             salt,
         }
     }
 
     /// RFC 7714 §16's AEAD_AES_128_GCM session key (given) and salt.
-    fn rfc_7714_aead(key: &[u8; 16]) -> Aead {
+    fn rfc_7714_aead(library: AesGcm, key: &[u8; 16]) -> Aead {
         aead(
-            &AES_128_GCM,
+            library,
             key,
             hex("517569642070726f2071756f").try_into().unwrap(),
         )
+    }
+
+    #[test]
+    fn both_libraries_seal_the_same_bytes_and_the_choice_is_one_of_them() {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x3c);
+        let header = [0x90u8; 20];
+        let sealed = LIBRARIES.map(|library| {
+            let mut packet: Vec<u8> = (0..1100u32).map(|i| (i * 13) as u8).collect();
+            let key = GcmKey::new(library, &key).unwrap();
+            let tag = key.seal([7; 12], &header, &mut packet).unwrap();
+            packet.extend_from_slice(&tag);
+            packet
+        });
+        assert_eq!(sealed[0], sealed[1], "ciphertext and tag");
+        // Each library opens what either sealed, and refuses it altered.
+        for library in LIBRARIES {
+            let key = GcmKey::new(library, &key).unwrap();
+            for opened in &sealed {
+                let mut data = opened.clone();
+                assert_eq!(key.open([7; 12], &header, &mut data), Some(1100));
+                let mut bad = opened.clone();
+                bad[5] ^= 1;
+                assert_eq!(key.open([7; 12], &header, &mut bad), None);
+            }
+        }
+        let choice = select_aes_gcm(AesGcm::Auto);
+        assert!(LIBRARIES.contains(&choice.library));
+        // Settled once: a later call changes nothing.
+        assert_eq!(select_aes_gcm(AesGcm::Ring).library, choice.library);
+        let (ring, aws_lc) = time_libraries();
+        assert!(ring > 0.0 && aws_lc > 0.0 && ring.is_finite() && aws_lc.is_finite());
     }
 
     #[test]
@@ -399,7 +600,13 @@ mod tests {
         // RFC 7714 §16.1.1: an RTP packet (SSRC 0xcafebabe, sequence 0xf17b, ROC 0) sealed
         // with AEAD_AES_128_GCM.
         let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
-        let mut sealer = Sealer(rfc_7714_aead(&key));
+        for library in LIBRARIES {
+            let sealer = Sealer(rfc_7714_aead(library, &key));
+            check_rfc_7714_srtp_vector(sealer);
+        }
+    }
+
+    fn check_rfc_7714_srtp_vector(mut sealer: Sealer) {
         let header = hex("8040f17b 8041f8d3 5501a0b2");
         let payload = hex(
             "47616c6c 69612065 7374206f 6d6e6973 20646976 69736120 696e2070 61727465
@@ -420,7 +627,12 @@ mod tests {
         // RFC 7714 §17.1: AEAD_AES_128_GCM session key and salt, a sender report sealed
         // with SRTCP index 0x5d4.
         let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
-        let mut opener = Opener(rfc_7714_aead(&key));
+        for library in LIBRARIES {
+            check_rfc_7714_srtcp_vector(Opener(rfc_7714_aead(library, &key)));
+        }
+    }
+
+    fn check_rfc_7714_srtcp_vector(mut opener: Opener) {
         let plain = hex(
             "81c8000d 4d617273 4e545031 4e545032 52545020 0000042a 0000e930 4c756e61
              deadbeef deadbeef deadbeef deadbeef deadbeef",
