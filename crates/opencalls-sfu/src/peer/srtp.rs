@@ -61,7 +61,12 @@ static CHOICE: OnceLock<AesGcmChoice> = OnceLock::new();
 /// loop of 1,100-byte AES-256-GCM seals (a video packet) with each library, alternating, and
 /// keeps the faster: ring's VAES/AVX2 code wins on CPUs without AVX-512, aws-lc's VAES/AVX-512
 /// code where it runs (both pick their code by the CPU's features at run time, so which is
-/// faster is a property of the machine, not of the build). The first call decides; later
+/// faster is a property of the machine, not of the build). The loop measures the cipher with
+/// its key in cache; in the server a subscriber's key is often cold, and aws-lc keeps its key
+/// behind a pointer where ring's lies in the session, so with aws-lc's AVX-512 code on the
+/// benchmark's Xeon a 44-person meeting (a subscriber's key used for several packets per
+/// batch) costs 2.9 % less CPU, a 600-subscriber webinar (one packet per key per batch)
+/// 2.2 % more, an audio room the same (docs/benchmarks.md). The first call decides; later
 /// calls return that decision. Both libraries produce the same bytes (the tests hold both to
 /// RFC 7714's vectors), so the choice changes only the cost.
 pub fn select_aes_gcm(wanted: AesGcm) -> AesGcmChoice {
