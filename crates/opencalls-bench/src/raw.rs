@@ -138,14 +138,10 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
     Ok(())
 }
 
-/// The same 4 MB kernel buffers the SFU's media sockets get.
+/// A socket opened as the SFU opens its media sockets (`opencalls_sfu::udp::bind`: 4 MB
+/// kernel buffers, don't-fragment), so the relay takes the SFU's kernel path.
 pub fn bind_with_buffers(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    let _ = sock.set_recv_buffer_size(4 << 20);
-    let _ = sock.set_send_buffer_size(4 << 20);
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
+    opencalls_sfu::udp::bind(addr)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ pub mod peer;
 mod session;
 pub mod stun;
 mod timers;
+pub mod udp;
 pub mod worker;
 
 pub use command::*;

@@ -446,19 +446,10 @@ fn incr(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Kernel socket buffer size for media sockets: keyframe bursts from many publishers
-/// must not overflow the default (~200 KB) receive buffer.
-const SOCKET_BUFFER: usize = 4 << 20;
-
 fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-    // Best effort: the kernel caps these at net.core.[rw]mem_max.
-    let _ = sock.set_recv_buffer_size(SOCKET_BUFFER);
-    let _ = sock.set_send_buffer_size(SOCKET_BUFFER);
+    let sock = crate::udp::bind(addr)?;
     sock.set_nonblocking(true)?;
-    sock.bind(&addr.into())?;
-    Ok(sock.into())
+    Ok(sock)
 }
 
 /// Header extensions that describe the media and so travel end to end; the others
