@@ -51,14 +51,15 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 fn dont_fragment(sock: &Socket, addr: SocketAddr) -> io::Result<()> {
-    let probe = libc::IP_PMTUDISC_PROBE as usize;
+    let v4 = libc::IP_PMTUDISC_PROBE as usize;
     match addr {
-        SocketAddr::V4(_) => nix::sys::socket::setsockopt(sock, IpMtuDiscover, &probe)?,
+        SocketAddr::V4(_) => nix::sys::socket::setsockopt(sock, IpMtuDiscover, &v4)?,
         SocketAddr::V6(_) => {
-            nix::sys::socket::setsockopt(sock, Ipv6MtuDiscover, &probe)?;
+            let v6 = libc::IPV6_PMTUDISC_PROBE as usize;
+            nix::sys::socket::setsockopt(sock, Ipv6MtuDiscover, &v6)?;
             // A dual-stack socket sends to IPv4-mapped peers through the IPv4 path, which
             // keeps its own mode; an IPv6-only one refuses the option (nothing to set).
-            let _ = nix::sys::socket::setsockopt(sock, IpMtuDiscover, &probe);
+            let _ = nix::sys::socket::setsockopt(sock, IpMtuDiscover, &v4);
         }
     }
     Ok(())
