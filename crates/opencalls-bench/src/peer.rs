@@ -48,7 +48,7 @@ impl BenchPeer {
             .set_stats_interval(None)
             .set_extension(ABS_ID, Extension::AbsoluteCaptureTime)
             .build(now);
-        let std_socket = crate::raw::bind_with_buffers(SocketAddr::new(ip, 0))?;
+        let std_socket = opencalls_sfu::udp::bind(SocketAddr::new(ip, 0))?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket);
         crate::rx::enable(&socket)?;

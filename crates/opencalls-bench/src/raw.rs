@@ -8,7 +8,7 @@
 //! to that group's subscribers.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Datagrams read or written per system call.
@@ -26,7 +26,9 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
         recvmmsg, sendmmsg, sendmsg, ControlMessage, MsgFlags, MultiHeaders, SockaddrIn,
     };
 
-    let sock = bind_with_buffers(SocketAddr::new(ip, port))?;
+    // Opened as the SFU opens its media sockets (4 MB buffers, don't-fragment), so the relay
+    // takes the SFU's kernel path.
+    let sock = opencalls_sfu::udp::bind(SocketAddr::new(ip, port))?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?;
     let fd = sock.as_raw_fd();
     let mut groups: HashMap<u32, Vec<SockaddrIn>> = HashMap::new();
@@ -138,15 +140,10 @@ pub fn run_relay(ip: IpAddr, port: u16, limit: Duration) -> std::io::Result<()> 
     Ok(())
 }
 
-/// A socket opened as the SFU opens its media sockets (`opencalls_sfu::udp::bind`: 4 MB
-/// kernel buffers, don't-fragment), so the relay takes the SFU's kernel path.
-pub fn bind_with_buffers(addr: SocketAddr) -> std::io::Result<UdpSocket> {
-    opencalls_sfu::udp::bind(addr)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::UdpSocket;
 
     fn recv(sock: &UdpSocket) -> Option<Vec<u8>> {
         let mut buf = [0u8; 2048];

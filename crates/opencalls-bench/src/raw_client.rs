@@ -25,7 +25,7 @@ pub struct RawPeer {
 impl RawPeer {
     pub fn new(index: usize, relay: SocketAddr) -> anyhow::Result<RawPeer> {
         let socket = UdpSocket::from_std({
-            let s = crate::raw::bind_with_buffers(SocketAddr::new(relay.ip(), 0))?;
+            let s = opencalls_sfu::udp::bind(SocketAddr::new(relay.ip(), 0))?;
             s.set_nonblocking(true)?;
             s
         });

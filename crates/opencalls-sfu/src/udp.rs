@@ -5,7 +5,7 @@
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
 
-use nix::{setsockopt_impl, sockopt_impl};
+use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use socket2::{Domain, Socket, Type};
 
 /// Kernel socket buffer size for media sockets: keyframe bursts from many publishers
@@ -17,7 +17,7 @@ pub const SOCKET_BUFFER: usize = 4 << 20;
 sockopt_impl!(
     /// IPv4 path-MTU discovery mode of a socket.
     IpMtuDiscover,
-    SetOnly,
+    Both,
     libc::IPPROTO_IP,
     libc::IP_MTU_DISCOVER,
     usize
@@ -25,7 +25,7 @@ sockopt_impl!(
 sockopt_impl!(
     /// IPv6 path-MTU discovery mode of a socket.
     Ipv6MtuDiscover,
-    SetOnly,
+    Both,
     libc::IPPROTO_IPV6,
     libc::IPV6_MTU_DISCOVER,
     usize
@@ -68,39 +68,21 @@ fn dont_fragment(sock: &Socket, addr: SocketAddr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::getsockopt_impl;
     use nix::sys::socket::getsockopt;
     use std::os::fd::AsFd;
-
-    sockopt_impl!(
-        /// Read back for the test.
-        IpMtuDiscoverGet,
-        GetOnly,
-        libc::IPPROTO_IP,
-        libc::IP_MTU_DISCOVER,
-        usize
-    );
-    sockopt_impl!(
-        /// Read back for the test.
-        Ipv6MtuDiscoverGet,
-        GetOnly,
-        libc::IPPROTO_IPV6,
-        libc::IPV6_MTU_DISCOVER,
-        usize
-    );
 
     #[test]
     fn media_sockets_set_dont_fragment() {
         let v4 = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         assert_eq!(
-            getsockopt(&v4.as_fd(), IpMtuDiscoverGet).unwrap(),
+            getsockopt(&v4.as_fd(), IpMtuDiscover).unwrap(),
             libc::IP_PMTUDISC_PROBE as usize
         );
 
         // Where the host has IPv6 on loopback, the IPv6 socket carries it too.
         if let Ok(v6) = bind("[::1]:0".parse().unwrap()) {
             assert_eq!(
-                getsockopt(&v6.as_fd(), Ipv6MtuDiscoverGet).unwrap(),
+                getsockopt(&v6.as_fd(), Ipv6MtuDiscover).unwrap(),
                 libc::IPV6_PMTUDISC_PROBE as usize
             );
         }
