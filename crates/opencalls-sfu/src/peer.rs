@@ -15,6 +15,7 @@ mod feedback;
 mod srtp;
 
 pub use dtls::crypto_provider;
+pub(crate) use srtp::WIDE_FAN_OUT;
 pub use srtp::{select_aes_gcm, AesGcm, AesGcmChoice};
 
 use std::collections::HashMap;
@@ -666,7 +667,8 @@ impl Peer {
         let body = out.len();
         out.extend_from_slice(&(sent.seq as u16).to_be_bytes());
         out.extend_from_slice(sent.payload);
-        if !sealer.seal(out, head, body, rtx_ssrc, index) {
+        // A retransmission goes to one subscriber.
+        if !sealer.seal(out, head, body, (rtx_ssrc, index), 1) {
             return false;
         }
         // Used even if the caller drops the packet now: an index is sealed once.
@@ -677,7 +679,8 @@ impl Peer {
     /// One SRTP packet for `stream`, sealed with our sending keys and appended to `out`, for
     /// the caller to send to the peer's address; false (and `out` unchanged) without keys of
     /// ours. `seq` is the extended sequence number: the SRTP index, so the caller must never
-    /// hand the same one to str0m as well.
+    /// hand the same one to str0m as well. `fan_out`: how many subscribers the packet is
+    /// being sealed for (see `Sealer::seal`).
     #[allow(clippy::too_many_arguments)] // one RTP packet's fields, as in write_rtp
     pub fn seal_rtp(
         &mut self,
@@ -689,6 +692,7 @@ impl Peer {
         marker: bool,
         abs_capture_time: Option<&CaptureTime>,
         payload: &[u8],
+        fan_out: usize,
     ) -> bool {
         let Some((sealer, _)) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
             return false;
@@ -699,7 +703,7 @@ impl Peer {
         write_extensions(out, head, stream, abs_capture_time);
         let body = out.len();
         out.extend_from_slice(payload);
-        sealer.seal(out, head, body, stream.ssrc, seq)
+        sealer.seal(out, head, body, (stream.ssrc, seq), fan_out)
     }
 
     /// Asks the remote for a keyframe on receiving m-line `mid`.

@@ -184,9 +184,17 @@ impl MediaPlane {
         let aes = crate::select_aes_gcm(config.aes_gcm);
         match (aes.ring_ns, aes.aws_lc_ns) {
             (Some(ring), Some(aws_lc)) => tracing::info!(
-                "AES-GCM for SRTP beside str0m: {} (per 1,100-byte seal: ring {ring:.0} ns, \
+                "AES-GCM for SRTP beside str0m: {}{} (per 1,100-byte seal: ring {ring:.0} ns, \
                  aws-lc-rs {aws_lc:.0} ns)",
-                aes.library.name()
+                aes.library.name(),
+                if aes.library == crate::AesGcm::AwsLc {
+                    format!(
+                        ", ring for fan-outs of {} subscribers or more",
+                        crate::peer::WIDE_FAN_OUT
+                    )
+                } else {
+                    String::new()
+                }
             ),
             _ => tracing::info!("AES-GCM for SRTP beside str0m: {}", aes.library.name()),
         }
@@ -914,7 +922,7 @@ impl Worker {
                 let mut from = 0;
                 while from < packets.len() {
                     let rest = (&packets[from..], &mut kept[from..]);
-                    match self.deliver_to(key, mid, rest, &mut recent, now) {
+                    match self.deliver_to(key, mid, rest, &mut recent, subs.len(), now) {
                         Delivered::All => break,
                         Delivered::ThroughStr0m(i) => {
                             // A packet written through str0m on the egress path leaves now,
@@ -959,12 +967,14 @@ impl Worker {
 
     /// Forwards `packets` to one subscription, sealing beside str0m where it can; stops
     /// after a packet written through str0m that must leave before the next is sealed.
+    /// `fan_out`: the track's subscribers on this worker.
     fn deliver_to(
         &mut self,
         key: SessionKey,
         mid: Mid,
         (packets, kept): (&[Pending], &mut [Option<u64>]),
         recent: &mut Recent,
+        fan_out: usize,
         now: Instant,
     ) -> Delivered {
         let Some(s) = self.sessions.get_mut(&key) else {
@@ -1023,6 +1033,7 @@ impl Worker {
                             packet.marker,
                             packet.abs_capture_time.as_ref(),
                             &packet.payload,
+                            fan_out,
                         )
                     });
                     if let Some(datagram) = sealed {

@@ -66,9 +66,11 @@ static CHOICE: OnceLock<AesGcmChoice> = OnceLock::new();
 /// behind a pointer where ring's lies in the session, so with aws-lc's AVX-512 code on the
 /// benchmark's Xeon a 44-person meeting (a subscriber's key used for several packets per
 /// batch) costs 2.9 % less CPU, a 600-subscriber webinar (one packet per key per batch)
-/// 2.2 % more, an audio room the same (docs/benchmarks.md). The first call decides; later
-/// calls return that decision. Both libraries produce the same bytes (the tests hold both to
-/// RFC 7714's vectors), so the choice changes only the cost.
+/// ~2 % more, an audio room the same (docs/benchmarks.md). So where `Auto` chooses aws-lc,
+/// each sealer keeps ring's key as well and seals fan-outs of [`WIDE_FAN_OUT`] subscribers
+/// or more with it. The first call decides; later calls return that decision. Both
+/// libraries produce the same bytes (the tests hold both to RFC 7714's vectors), so the
+/// choice changes only the cost.
 pub fn select_aes_gcm(wanted: AesGcm) -> AesGcmChoice {
     *CHOICE.get_or_init(|| match wanted {
         AesGcm::Auto => {
@@ -96,6 +98,24 @@ pub fn select_aes_gcm(wanted: AesGcm) -> AesGcmChoice {
 /// ring.
 fn library() -> AesGcm {
     CHOICE.get().map_or(AesGcm::Ring, |c| c.library)
+}
+
+/// Fan-outs of at least this many subscribers (of one track, on one worker) are sealed with
+/// ring's key where `Auto` chose aws-lc-rs's (see [`Sealer`]). Between two packets of a
+/// track, a worker seals for every subscriber of it: with tens of subscribers their aws-lc
+/// keys stay in the core's cache and aws-lc's faster cipher wins (a 44-person meeting, 43
+/// subscribers per track: 2.9 % less CPU than ring); with hundreds, every seal first fetches
+/// the key and context aws-lc keeps behind a pointer, and ring's key, read from the session,
+/// wins (a 600-subscriber webinar: ~2 % less CPU with ring). docs/benchmarks.md has both.
+pub(crate) const WIDE_FAN_OUT: usize = 128;
+
+/// The library of the second key a sealer keeps for wide fan-outs: ring's, when `Auto`
+/// timed both and chose aws-lc-rs's. A library given on the command line seals everything.
+fn wide_library() -> Option<AesGcm> {
+    CHOICE
+        .get()
+        .filter(|c| c.library == AesGcm::AwsLc && c.ring_ns.is_some())
+        .map(|_| AesGcm::Ring)
 }
 
 /// Nanoseconds per 1,100-byte AES-256-GCM seal with (ring, aws-lc-rs): the best of five
@@ -240,15 +260,44 @@ const LABEL_RTCP_ENCRYPTION: u8 = 0x03;
 const LABEL_RTCP_SALT: u8 = 0x05;
 
 impl Aead {
+    /// A session key and salt, the key in the library settled for the process.
+    fn of(session: &SessionKey) -> Option<Aead> {
+        Some(Aead {
+            key: GcmKey::new(library(), session.key())?,
+            salt: session.salt,
+        })
+    }
+
+    /// The salt XORed into the RFC 7714 IV layout `00 00 || SSRC || counter`.
+    fn iv(&self, ssrc: u32, counter: [u8; 6]) -> [u8; 12] {
+        let mut iv = [0u8; 12];
+        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
+        iv[6..].copy_from_slice(&counter);
+        for (b, s) in iv.iter_mut().zip(self.salt) {
+            *b ^= s;
+        }
+        iv
+    }
+}
+
+/// One direction's session key (16 or 32 bytes) and salt, derived from the exported
+/// material, before a library makes an AES-GCM key of it.
+struct SessionKey {
+    key: [u8; 32],
+    key_len: usize,
+    salt: [u8; GCM_SALT],
+}
+
+impl SessionKey {
     /// The session key and salt under one half of the exported material: ours when
     /// `sending`, the remote's otherwise. `None` for a profile this module does not
     /// implement (AES-CM with HMAC-SHA1 stays with str0m) or material of the wrong length.
-    fn new(
+    fn derive(
         exported: &Exported,
         provider: &dyn SrtpProvider,
         sending: bool,
         labels: (u8, u8),
-    ) -> Option<Aead> {
+    ) -> Option<SessionKey> {
         let key_len = match exported.profile {
             dimpl::SrtpProfile::AEAD_AES_128_GCM => 16,
             dimpl::SrtpProfile::AEAD_AES_256_GCM => 32,
@@ -270,26 +319,29 @@ impl Aead {
         let mut salt = [0u8; GCM_SALT];
         derive(provider, master, &master_salt, labels.1, &mut salt);
         let mut key = [0u8; 32];
-        let key = &mut key[..key_len];
-        derive(provider, master, &master_salt, labels.0, key);
-        let key = GcmKey::new(library(), key)?;
-        Some(Aead { key, salt })
+        derive(
+            provider,
+            master,
+            &master_salt,
+            labels.0,
+            &mut key[..key_len],
+        );
+        Some(SessionKey { key, key_len, salt })
     }
 
-    /// The salt XORed into the RFC 7714 IV layout `00 00 || SSRC || counter`.
-    fn iv(&self, ssrc: u32, counter: [u8; 6]) -> [u8; 12] {
-        let mut iv = [0u8; 12];
-        iv[2..6].copy_from_slice(&ssrc.to_be_bytes());
-        iv[6..].copy_from_slice(&counter);
-        for (b, s) in iv.iter_mut().zip(self.salt) {
-            *b ^= s;
-        }
-        iv
+    fn key(&self) -> &[u8] {
+        &self.key[..self.key_len]
     }
 }
 
 /// Seals RTP packets for one session's sending direction.
-pub(crate) struct Sealer(Aead);
+pub(crate) struct Sealer {
+    aead: Aead,
+    /// ring's key for the same session key, where `Auto` chose aws-lc-rs: it seals the
+    /// packets of fan-outs of [`WIDE_FAN_OUT`] subscribers or more. Both keys make the same
+    /// bytes; only the cost differs.
+    wide: Option<GcmKey>,
+}
 
 impl std::fmt::Debug for Sealer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -301,30 +353,38 @@ impl Sealer {
     /// Our sending keys, or `None` for a profile this path does not implement.
     pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<Sealer> {
         let labels = (LABEL_RTP_ENCRYPTION, LABEL_RTP_SALT);
-        Aead::new(exported, provider, true, labels).map(Sealer)
+        let session = SessionKey::derive(exported, provider, true, labels)?;
+        let aead = Aead::of(&session)?;
+        let wide = wide_library().and_then(|library| GcmKey::new(library, session.key()));
+        Some(Sealer { aead, wide })
     }
 
     /// Seals, in place, the RTP packet that ends `buf`: `buf[head..body]` is its header
     /// (the associated data), `buf[body..]` its payload, which is encrypted; the tag is
     /// appended. `head` lets packets be sealed straight into a buffer shared with others
-    /// (the worker's outbox). `index` is the packet's extended sequence number. On failure
-    /// `buf` is cut back to `head`.
+    /// (the worker's outbox). `index` is the packet's extended sequence number. `fan_out` is
+    /// how many subscribers the packet is being sealed for (it picks the key's library). On
+    /// failure `buf` is cut back to `head`.
     pub fn seal(
         &mut self,
         buf: &mut Vec<u8>,
         head: usize,
         body: usize,
-        ssrc: u32,
-        index: u64,
+        (ssrc, index): (u32, u64),
+        fan_out: usize,
     ) -> bool {
         // RFC 7714 §8.1: IV = salt XOR (00 00 || SSRC || ROC || SEQ).
         let mut counter = [0u8; 6];
         counter[..4].copy_from_slice(&((index >> 16) as u32).to_be_bytes());
         counter[4..].copy_from_slice(&(index as u16).to_be_bytes());
-        let iv = self.0.iv(ssrc, counter);
+        let iv = self.aead.iv(ssrc, counter);
+        let key = match &self.wide {
+            Some(wide) if fan_out >= WIDE_FAN_OUT => wide,
+            _ => &self.aead.key,
+        };
         let sealed = if head <= body && body <= buf.len() {
             let (aad, payload) = buf[head..].split_at_mut(body - head);
-            self.0.key.seal(iv, aad, payload)
+            key.seal(iv, aad, payload)
         } else {
             None
         };
@@ -359,7 +419,7 @@ impl Opener {
     /// The remote's SRTCP keys, or `None` for a profile this module does not implement.
     pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<Opener> {
         let labels = (LABEL_RTCP_ENCRYPTION, LABEL_RTCP_SALT);
-        Aead::new(exported, provider, false, labels).map(Opener)
+        Aead::of(&SessionKey::derive(exported, provider, false, labels)?).map(Opener)
     }
 
     /// The compound RTCP packet inside `srtcp` (RFC 7714 §9) into `out`, or false if it does
@@ -507,9 +567,9 @@ mod tests {
         let payload = [0x55u8; 40];
         let packet = [&header[..], &payload[..]].concat();
         let mut a = packet.clone();
-        assert!(sealer.seal(&mut a, 0, 12, 9, 1));
+        assert!(sealer.seal(&mut a, 0, 12, (9, 1), 1));
         let mut b = packet.clone();
-        assert!(sealer.seal(&mut b, 0, 12, 9, 1 + (1 << 16)));
+        assert!(sealer.seal(&mut b, 0, 12, (9, 1 + (1 << 16)), 1));
         assert_eq!(a.len(), 12 + 40 + TAG);
         assert_eq!(&a[..12], &header);
         assert_ne!(&a[12..52], &payload[..]);
@@ -518,11 +578,11 @@ mod tests {
         // Sealed behind other bytes (a shared buffer): the same packet, those bytes kept.
         let mut shared = vec![7u8; 5];
         shared.extend_from_slice(&packet);
-        assert!(sealer.seal(&mut shared, 5, 17, 9, 1));
+        assert!(sealer.seal(&mut shared, 5, 17, (9, 1), 1));
         assert_eq!((&shared[..5], &shared[5..]), (&[7u8; 5][..], &a[..]));
         // A header range that does not fit leaves the buffer cut back to `head`.
         let mut short = packet.clone();
-        assert!(!sealer.seal(&mut short, 3, 2, 9, 1));
+        assert!(!sealer.seal(&mut short, 3, 2, (9, 1), 1));
         assert_eq!(short, &packet[..3]);
     }
 
@@ -533,13 +593,16 @@ mod tests {
         let key: [u8; 32] = std::array::from_fn(|i| i as u8 * 7);
         let salt: [u8; 12] = std::array::from_fn(|i| 0xa0 ^ i as u8);
         for library in LIBRARIES {
-            let mut sealer = Sealer(aead(library, &key, salt));
+            let mut sealer = Sealer {
+                aead: aead(library, &key, salt),
+                wide: None,
+            };
             let header = hex("80e1abcd 0001e240 11223344");
             let payload: Vec<u8> = (0..1100u32).map(|i| (i * 31) as u8).collect();
             let mut packet = [&header[..], &payload[..]].concat();
             let index = (3u64 << 16) | 0xabcd;
-            assert!(sealer.seal(&mut packet, 0, 12, 0x1122_3344, index));
-            let iv = sealer.0.iv(0x1122_3344, [0, 0, 0, 3, 0xab, 0xcd]);
+            assert!(sealer.seal(&mut packet, 0, 12, (0x1122_3344, index), 1));
+            let iv = sealer.aead.iv(0x1122_3344, [0, 0, 0, 3, 0xab, 0xcd]);
             let mut cipher = provider().aead_aes_256_gcm().create_cipher(key, false);
             let mut plain = vec![0u8; packet.len() - 12];
             let n = cipher
@@ -547,6 +610,34 @@ mod tests {
                 .expect("str0m's cipher opens our packet");
             assert_eq!(&plain[..n], &payload[..], "{library:?}");
         }
+    }
+
+    #[test]
+    fn wide_fan_outs_seal_with_the_second_key_and_the_same_bytes() {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
+        let salt: [u8; 12] = std::array::from_fn(|i| 0x11 * i as u8);
+        let seal = |sealer: &mut Sealer, fan_out: usize| {
+            let mut packet = hex("80e1abcd 0001e240 11223344");
+            packet.extend((0..1100u32).map(|i| (i * 13) as u8));
+            assert!(sealer.seal(&mut packet, 0, 12, (0x1122_3344, 0xabcd), fan_out));
+            packet
+        };
+        // As `Auto` builds it where aws-lc-rs won the timing: ring's key beside it.
+        let mut both = Sealer {
+            aead: aead(AesGcm::AwsLc, &key, salt),
+            wide: GcmKey::new(AesGcm::Ring, &key),
+        };
+        let narrow = seal(&mut both, WIDE_FAN_OUT - 1);
+        assert_eq!(narrow, seal(&mut both, WIDE_FAN_OUT));
+        assert_eq!(narrow, seal(&mut both, 600));
+        // Which key seals which fan-out: a second key that differs shows it.
+        let mut other = Sealer {
+            aead: aead(AesGcm::AwsLc, &key, salt),
+            wide: GcmKey::new(AesGcm::Ring, &[0u8; 32]),
+        };
+        assert_eq!(seal(&mut other, 1), narrow);
+        assert_eq!(seal(&mut other, WIDE_FAN_OUT - 1), narrow);
+        assert_ne!(seal(&mut other, WIDE_FAN_OUT), narrow);
     }
 
     /// Both libraries a key can be made with.
@@ -606,7 +697,10 @@ mod tests {
         // with AEAD_AES_128_GCM.
         let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
         for library in LIBRARIES {
-            let sealer = Sealer(rfc_7714_aead(library, &key));
+            let sealer = Sealer {
+                aead: rfc_7714_aead(library, &key),
+                wide: None,
+            };
             check_rfc_7714_srtp_vector(sealer);
         }
     }
@@ -618,7 +712,7 @@ mod tests {
              73207472 6573",
         );
         let mut packet = [&header[..], &payload[..]].concat();
-        assert!(sealer.seal(&mut packet, 0, header.len(), 0x5501a0b2, 0xf17b));
+        assert!(sealer.seal(&mut packet, 0, header.len(), (0x5501a0b2, 0xf17b), 1));
         let expected = hex(
             "8040f17b 8041f8d3 5501a0b2 f24de3a3 fb34de6c acba861c 9d7e4bca be633bd5
              0d294e6f 42a5f47a 51c7d19b 36de3adf 8833899d 7f27beb1 6a9152cf 765ee439
