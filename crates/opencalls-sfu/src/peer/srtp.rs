@@ -148,7 +148,7 @@ fn time_libraries() -> (f64, f64) {
 }
 
 /// An AES-GCM key in one of the two libraries.
-// ring's key is held inline (its sealing reads no pointer first); there are two per session.
+// ring's key is held inline (its sealing reads no pointer first); a session holds two or three.
 #[allow(clippy::large_enum_variant)]
 enum GcmKey {
     Ring(ring::aead::LessSafeKey),
