@@ -668,7 +668,7 @@ impl Peer {
         out.extend_from_slice(&(sent.seq as u16).to_be_bytes());
         out.extend_from_slice(sent.payload);
         // A retransmission goes to one subscriber.
-        if !sealer.seal(out, head, body, (rtx_ssrc, index), 1) {
+        if !sealer.seal(out, head, body, rtx_ssrc, index, 1) {
             return false;
         }
         // Used even if the caller drops the packet now: an index is sealed once.
@@ -703,7 +703,7 @@ impl Peer {
         write_extensions(out, head, stream, abs_capture_time);
         let body = out.len();
         out.extend_from_slice(payload);
-        sealer.seal(out, head, body, (stream.ssrc, seq), fan_out)
+        sealer.seal(out, head, body, stream.ssrc, seq, fan_out)
     }
 
     /// Asks the remote for a keyframe on receiving m-line `mid`.

@@ -187,14 +187,11 @@ impl MediaPlane {
                 "AES-GCM for SRTP beside str0m: {}{} (per 1,100-byte seal: ring {ring:.0} ns, \
                  aws-lc-rs {aws_lc:.0} ns)",
                 aes.library.name(),
-                if aes.library == crate::AesGcm::AwsLc {
-                    format!(
-                        ", ring for fan-outs of {} subscribers or more",
-                        crate::peer::WIDE_FAN_OUT
-                    )
-                } else {
-                    String::new()
-                }
+                aes.wide_library().map_or(String::new(), |wide| format!(
+                    ", {} for fan-outs of {} subscribers or more",
+                    wide.name(),
+                    crate::peer::WIDE_FAN_OUT
+                ))
             ),
             _ => tracing::info!("AES-GCM for SRTP beside str0m: {}", aes.library.name()),
         }

@@ -55,6 +55,15 @@ pub struct AesGcmChoice {
     pub aws_lc_ns: Option<f64>,
 }
 
+impl AesGcmChoice {
+    /// The library of the second key each sealer keeps for fan-outs of [`WIDE_FAN_OUT`]
+    /// subscribers or more: ring's, when `Auto` timed both and chose aws-lc-rs's. A library
+    /// given on the command line seals everything.
+    pub fn wide_library(&self) -> Option<AesGcm> {
+        (self.library == AesGcm::AwsLc && self.ring_ns.is_some()).then_some(AesGcm::Ring)
+    }
+}
+
 static CHOICE: OnceLock<AesGcmChoice> = OnceLock::new();
 
 /// Settles, once per process, which AES-GCM the keys made from now on use. `Auto` times a
@@ -108,15 +117,6 @@ fn library() -> AesGcm {
 /// the key and context aws-lc keeps behind a pointer, and ring's key, read from the session,
 /// wins (a 600-subscriber webinar: ~2 % less CPU with ring). docs/benchmarks.md has both.
 pub(crate) const WIDE_FAN_OUT: usize = 128;
-
-/// The library of the second key a sealer keeps for wide fan-outs: ring's, when `Auto`
-/// timed both and chose aws-lc-rs's. A library given on the command line seals everything.
-fn wide_library() -> Option<AesGcm> {
-    CHOICE
-        .get()
-        .filter(|c| c.library == AesGcm::AwsLc && c.ring_ns.is_some())
-        .map(|_| AesGcm::Ring)
-}
 
 /// Nanoseconds per 1,100-byte AES-256-GCM seal with (ring, aws-lc-rs): the best of five
 /// alternating rounds of 200 seals each (about a millisecond in all).
@@ -355,7 +355,10 @@ impl Sealer {
         let labels = (LABEL_RTP_ENCRYPTION, LABEL_RTP_SALT);
         let session = SessionKey::derive(exported, provider, true, labels)?;
         let aead = Aead::of(&session)?;
-        let wide = wide_library().and_then(|library| GcmKey::new(library, session.key()));
+        let wide = CHOICE
+            .get()
+            .and_then(AesGcmChoice::wide_library)
+            .and_then(|library| GcmKey::new(library, session.key()));
         Some(Sealer { aead, wide })
     }
 
@@ -370,7 +373,8 @@ impl Sealer {
         buf: &mut Vec<u8>,
         head: usize,
         body: usize,
-        (ssrc, index): (u32, u64),
+        ssrc: u32,
+        index: u64,
         fan_out: usize,
     ) -> bool {
         // RFC 7714 §8.1: IV = salt XOR (00 00 || SSRC || ROC || SEQ).
@@ -567,9 +571,9 @@ mod tests {
         let payload = [0x55u8; 40];
         let packet = [&header[..], &payload[..]].concat();
         let mut a = packet.clone();
-        assert!(sealer.seal(&mut a, 0, 12, (9, 1), 1));
+        assert!(sealer.seal(&mut a, 0, 12, 9, 1, 1));
         let mut b = packet.clone();
-        assert!(sealer.seal(&mut b, 0, 12, (9, 1 + (1 << 16)), 1));
+        assert!(sealer.seal(&mut b, 0, 12, 9, 1 + (1 << 16), 1));
         assert_eq!(a.len(), 12 + 40 + TAG);
         assert_eq!(&a[..12], &header);
         assert_ne!(&a[12..52], &payload[..]);
@@ -578,11 +582,11 @@ mod tests {
         // Sealed behind other bytes (a shared buffer): the same packet, those bytes kept.
         let mut shared = vec![7u8; 5];
         shared.extend_from_slice(&packet);
-        assert!(sealer.seal(&mut shared, 5, 17, (9, 1), 1));
+        assert!(sealer.seal(&mut shared, 5, 17, 9, 1, 1));
         assert_eq!((&shared[..5], &shared[5..]), (&[7u8; 5][..], &a[..]));
         // A header range that does not fit leaves the buffer cut back to `head`.
         let mut short = packet.clone();
-        assert!(!sealer.seal(&mut short, 3, 2, (9, 1), 1));
+        assert!(!sealer.seal(&mut short, 3, 2, 9, 1, 1));
         assert_eq!(short, &packet[..3]);
     }
 
@@ -601,7 +605,7 @@ mod tests {
             let payload: Vec<u8> = (0..1100u32).map(|i| (i * 31) as u8).collect();
             let mut packet = [&header[..], &payload[..]].concat();
             let index = (3u64 << 16) | 0xabcd;
-            assert!(sealer.seal(&mut packet, 0, 12, (0x1122_3344, index), 1));
+            assert!(sealer.seal(&mut packet, 0, 12, 0x1122_3344, index, 1));
             let iv = sealer.aead.iv(0x1122_3344, [0, 0, 0, 3, 0xab, 0xcd]);
             let mut cipher = provider().aead_aes_256_gcm().create_cipher(key, false);
             let mut plain = vec![0u8; packet.len() - 12];
@@ -613,13 +617,30 @@ mod tests {
     }
 
     #[test]
+    fn only_auto_choosing_aws_lc_keeps_ring_s_key_for_wide_fan_outs() {
+        let choice = |library, timed: bool| AesGcmChoice {
+            library,
+            ring_ns: timed.then_some(180.0),
+            aws_lc_ns: timed.then_some(150.0),
+        };
+        assert_eq!(
+            choice(AesGcm::AwsLc, true).wide_library(),
+            Some(AesGcm::Ring)
+        );
+        assert_eq!(choice(AesGcm::Ring, true).wide_library(), None);
+        // `--aes-gcm aws-lc` or `ring`: that library seals everything.
+        assert_eq!(choice(AesGcm::AwsLc, false).wide_library(), None);
+        assert_eq!(choice(AesGcm::Ring, false).wide_library(), None);
+    }
+
+    #[test]
     fn wide_fan_outs_seal_with_the_second_key_and_the_same_bytes() {
         let key: [u8; 32] = std::array::from_fn(|i| i as u8 ^ 0x5a);
         let salt: [u8; 12] = std::array::from_fn(|i| 0x11 * i as u8);
         let seal = |sealer: &mut Sealer, fan_out: usize| {
             let mut packet = hex("80e1abcd 0001e240 11223344");
             packet.extend((0..1100u32).map(|i| (i * 13) as u8));
-            assert!(sealer.seal(&mut packet, 0, 12, (0x1122_3344, 0xabcd), fan_out));
+            assert!(sealer.seal(&mut packet, 0, 12, 0x1122_3344, 0xabcd, fan_out));
             packet
         };
         // As `Auto` builds it where aws-lc-rs won the timing: ring's key beside it.
@@ -712,7 +733,7 @@ mod tests {
              73207472 6573",
         );
         let mut packet = [&header[..], &payload[..]].concat();
-        assert!(sealer.seal(&mut packet, 0, header.len(), (0x5501a0b2, 0xf17b), 1));
+        assert!(sealer.seal(&mut packet, 0, header.len(), 0x5501a0b2, 0xf17b, 1));
         let expected = hex(
             "8040f17b 8041f8d3 5501a0b2 f24de3a3 fb34de6c acba861c 9d7e4bca be633bd5
              0d294e6f 42a5f47a 51c7d19b 36de3adf 8833899d 7f27beb1 6a9152cf 765ee439
