@@ -36,6 +36,28 @@ test('echo: browser-direct push A/V in session A, pull into session B, media wit
     assert.ok(a.packetsReceived >= byKind.audio.packetsReceived + 30, `audio went ${byKind.audio.packetsReceived} -> ${a.packetsReceived} in 1.5 s`);
     assert.ok(v.frameWidth > 0, 'decoded video has a size');
 
+    // The publisher's bandwidth estimate climbs from Chrome's 300 kbit/s start: its probes
+    // and media come back as the SFU's transport-cc feedback (without any it stays at the
+    // start value).
+    const bwe = await inPage(page, async () => {
+      const read = async () => {
+        let best = 0;
+        (await window.P.sessions.A.pc.getStats()).forEach((s) => {
+          if (s.type === 'candidate-pair' && s.availableOutgoingBitrate) best = Math.max(best, s.availableOutgoingBitrate);
+        });
+        return best;
+      };
+      const samples = [];
+      const until = performance.now() + 10000;
+      for (let b = await read(); ; b = await read()) {
+        samples.push(Math.round(b / 1000));
+        if (b >= 1e6 || performance.now() > until) return { best: b, samples };
+        await new Promise((res) => setTimeout(res, 500));
+      }
+    }, undefined, 20000);
+    console.log(`publisher availableOutgoingBitrate (kbit/s): ${bwe.samples.join(' ')}`);
+    assert.ok(bwe.best >= 1e6, `publisher's bandwidth estimate stayed at ${Math.round(bwe.best / 1000)} kbit/s`);
+
     // Every call was cross-origin (page and API on different ports) and answered
     // with JSON; had CORS been refused, fetch would have thrown.
     const log = await inPage(page, () => window.P.apiLog);

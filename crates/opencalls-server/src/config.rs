@@ -53,6 +53,29 @@ pub struct ServeConfig {
     /// still seals fan-outs of 128 subscribers or more, whose keys are cold).
     #[arg(long, env = "OPENCALLS_AES_GCM", value_enum, default_value_t = AesGcmArg::Auto)]
     pub aes_gcm: AesGcmArg,
+    /// Who opens publishers' RTP: `beside` (our own path beside str0m: SRTP, replay window,
+    /// transport-cc feedback, NACKs and RTX; str0m keeps RTCP and keyframe requests) or
+    /// `str0m`.
+    #[arg(long, env = "OPENCALLS_INGRESS", value_enum, default_value_t = IngressArg::Beside)]
+    pub ingress: IngressArg,
+}
+
+/// `--ingress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IngressArg {
+    /// Our receive path beside str0m (AES-GCM profiles; others stay with str0m).
+    Beside,
+    /// str0m's.
+    Str0m,
+}
+
+impl From<IngressArg> for opencalls_sfu::IngressPath {
+    fn from(a: IngressArg) -> Self {
+        match a {
+            IngressArg::Beside => opencalls_sfu::IngressPath::Beside,
+            IngressArg::Str0m => opencalls_sfu::IngressPath::Str0m,
+        }
+    }
 }
 
 /// `--aes-gcm`.
@@ -88,6 +111,7 @@ impl ServeConfig {
             data_dir: None,
             idle_timeout_secs: 30,
             aes_gcm: AesGcmArg::Auto,
+            ingress: IngressArg::Beside,
         }
     }
 

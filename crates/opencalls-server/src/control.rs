@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use opencalls_sfu::{Certificate, Command, Peer, PeerConfig, Reply, WorkerHandle};
+use opencalls_sfu::{Certificate, Command, IngressPath, Peer, PeerConfig, Reply, WorkerHandle};
 
 use crate::apps::AppStore;
 use crate::http::ApiError;
@@ -21,17 +21,24 @@ pub struct Control {
     registry: Mutex<Registry>,
     workers: Vec<WorkerHandle>,
     certificate: Certificate,
+    ingress: IngressPath,
     next_worker: AtomicUsize,
 }
 
 impl Control {
-    /// Builds the control plane over running workers.
-    pub fn new(apps: AppStore, workers: Vec<WorkerHandle>, certificate: Certificate) -> Control {
+    /// Builds the control plane over running workers; its peers receive RTP on `ingress`.
+    pub fn new(
+        apps: AppStore,
+        workers: Vec<WorkerHandle>,
+        certificate: Certificate,
+        ingress: IngressPath,
+    ) -> Control {
         Control {
             apps,
             registry: Mutex::new(Registry::default()),
             workers,
             certificate,
+            ingress,
             next_worker: AtomicUsize::new(0),
         }
     }
@@ -67,6 +74,7 @@ impl Control {
         let config = PeerConfig {
             certificate: self.certificate.clone(),
             candidates: worker.candidates().to_vec(),
+            ingress: self.ingress,
         };
         // ~50 µs (peer.rs builds the DTLS config once per process): cheaper inline than a
         // hand-off to the blocking pool and back.

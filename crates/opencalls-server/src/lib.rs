@@ -136,7 +136,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
     let certificate = Certificate::generate()?;
     let handles = plane.workers().to_vec();
     let media_addrs = handles.iter().map(|w| w.candidates().to_vec()).collect();
-    let control = Arc::new(Control::new(apps.clone(), handles, certificate));
+    let control = Arc::new(Control::new(
+        apps.clone(),
+        handles,
+        certificate,
+        config.ingress.into(),
+    ));
     control::spawn_event_loop(control.clone(), events_rx);
 
     let listener = tokio::net::TcpListener::bind(config.http).await?;

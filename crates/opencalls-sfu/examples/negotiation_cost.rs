@@ -11,6 +11,7 @@ fn main() {
     let config = PeerConfig {
         certificate: Certificate::generate().expect("certificate"),
         candidates: vec!["127.0.0.1:50000".parse().expect("addr")],
+        ingress: Default::default(),
     };
     for round in 0..3 {
         let t = Instant::now();

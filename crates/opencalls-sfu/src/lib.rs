@@ -20,7 +20,8 @@ pub mod worker;
 pub use command::*;
 pub use delay::DelayHistogram;
 pub use peer::{
-    crypto_provider, select_aes_gcm, AesGcm, AesGcmChoice, Certificate, Kind, Peer, PeerConfig,
+    crypto_provider, select_aes_gcm, AesGcm, AesGcmChoice, Certificate, IngressPath, Kind, Peer,
+    PeerConfig,
 };
 pub use worker::{
     random_hex, Endpoint, MediaConfig, MediaPlane, Timeouts, WorkerHandle, WorkerStats,

@@ -12,6 +12,7 @@
 
 mod dtls;
 mod feedback;
+mod ingress;
 mod srtp;
 
 pub use dtls::crypto_provider;
@@ -230,6 +231,52 @@ pub struct Peer {
     rtx: Vec<(Mid, RtxSender)>,
     /// Scratch for opened SRTCP.
     rtcp: Vec<u8>,
+    /// Who receives the remote's RTP (see [`IngressPath`]).
+    receive: ReceivePath,
+    /// The m-lines of the negotiation so far (the receive path beside str0m reads the
+    /// extension ids from one of them).
+    mids: Vec<Mid>,
+    /// Our address and the remote's, as the last RTP datagram came: where the receive path
+    /// beside str0m sends its feedback.
+    path: Option<(SocketAddr, SocketAddr)>,
+}
+
+/// Who opens a publisher's RTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IngressPath {
+    /// str0m, as everything else.
+    Str0m,
+    /// Our own path beside str0m (`peer/ingress.rs`): SRTP, replay window, transport-cc
+    /// feedback, NACKs and RTX of its own, str0m kept for RTCP and keyframe requests. Taken
+    /// per peer at its first RTP packet where DTLS exported an AES-GCM profile; str0m keeps
+    /// the others.
+    #[default]
+    Beside,
+}
+
+/// The receive path a peer settled on.
+#[derive(Debug)]
+enum ReceivePath {
+    /// No RTP authenticated yet: decided at the first RTP packet after DTLS.
+    Undecided,
+    Str0m,
+    Beside(Box<ingress::Ingress>),
+}
+
+/// What became of a datagram [`Peer::handle_receive`] took.
+// The RTP packet moves straight into the forwarder (no boxing, as PeerEvent).
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Received {
+    /// str0m took it: drain [`Peer::poll`] now.
+    Str0m,
+    /// An RTP packet the path beside str0m opened: nothing to drain, but run
+    /// [`Peer::handle_timeout`] by [`Peer::ingress_deadline`].
+    Rtp(RtpIn),
+    /// Authentic RTP with nothing to forward (padding, a duplicate, a stream not known yet).
+    Kept,
+    /// RTP that did not parse, authenticate or was a replay: dropped.
+    Dropped,
 }
 
 /// The sender of one m-line's retransmissions.
@@ -299,6 +346,8 @@ pub struct PeerConfig {
     pub certificate: Certificate,
     /// Host candidates to advertise (the worker's socket addresses).
     pub candidates: Vec<SocketAddr>,
+    /// Who opens the remote's RTP.
+    pub ingress: IngressPath,
 }
 
 impl Peer {
@@ -340,6 +389,12 @@ impl Peer {
             sealer: None,
             rtx: Vec::new(),
             rtcp: Vec::new(),
+            receive: match config.ingress {
+                IngressPath::Str0m => ReceivePath::Str0m,
+                IngressPath::Beside => ReceivePath::Undecided,
+            },
+            mids: Vec::new(),
+            path: None,
         })
     }
 
@@ -370,7 +425,13 @@ impl Peer {
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
         let answer = self.rtc.sdp_api().accept_offer(offer)?;
         self.pending = None;
-        self.codecs.clear();
+        self.renegotiated();
+        for mid in sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")) {
+            let mid = Mid::from(mid);
+            if !self.mids.contains(&mid) {
+                self.mids.push(mid);
+            }
+        }
         Ok(answer.to_sdp_string())
     }
 
@@ -398,6 +459,12 @@ impl Peer {
             .apply()
             .ok_or_else(|| PeerError::Internal("offer without changes".into()))?;
         self.pending = Some(pending);
+        self.mids.extend(
+            mids.iter()
+                .filter(|m| !self.mids.contains(m))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
         Ok((offer.to_sdp_string(), mids))
     }
 
@@ -406,7 +473,7 @@ impl Peer {
         let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
         let pending = self.pending.take().ok_or(PeerError::NoPendingOffer)?;
         self.rtc.sdp_api().accept_answer(pending, answer)?;
-        self.codecs.clear();
+        self.renegotiated();
         Ok(())
     }
 
@@ -452,14 +519,51 @@ impl Peer {
         media.remote_pts().contains(&pt).then(|| *pt)
     }
 
-    /// Feeds a datagram from the network.
+    /// Payload types and extension ids may have changed.
+    fn renegotiated(&mut self) {
+        self.codecs.clear();
+        if let ReceivePath::Beside(ingress) = &mut self.receive {
+            ingress.renegotiated();
+        }
+    }
+
+    /// Feeds a datagram from the network. RTP goes to the receive path beside str0m where
+    /// this peer took it (see [`IngressPath`]); everything else to str0m.
     pub fn handle_receive(
         &mut self,
         now: Instant,
         source: SocketAddr,
         destination: SocketAddr,
         contents: &[u8],
-    ) -> Result<(), PeerError> {
+    ) -> Result<Received, PeerError> {
+        if is_rtp(contents) {
+            if matches!(self.receive, ReceivePath::Undecided) {
+                // Before DTLS exported keys str0m cannot open RTP either (it drops it and
+                // counts nothing): the choice waits for the first packet after.
+                if let Some(exported) = self.keys.get() {
+                    let provider = dtls::crypto_provider().srtp_provider;
+                    self.receive = match ingress::Ingress::new(exported, provider, now) {
+                        Some(ingress) => ReceivePath::Beside(Box::new(ingress)),
+                        None => ReceivePath::Str0m,
+                    };
+                    tracing::debug!(
+                        ufrag = %self.ufrag,
+                        beside = matches!(self.receive, ReceivePath::Beside(_)),
+                        "receive path settled"
+                    );
+                }
+            }
+            if let ReceivePath::Beside(ingress) = &mut self.receive {
+                self.path = Some((destination, source));
+                return Ok(
+                    match ingress.receive(&mut self.rtc, &self.mids, contents, now) {
+                        ingress::Verdict::Rtp(rtp) => Received::Rtp(rtp),
+                        ingress::Verdict::Kept => Received::Kept,
+                        ingress::Verdict::Dropped => Received::Dropped,
+                    },
+                );
+            }
+        }
         let contents = contents
             .try_into()
             .map_err(|_| PeerError::Internal("unrecognised datagram".into()))?;
@@ -472,11 +576,25 @@ impl Peer {
                 contents,
             },
         ))?;
-        Ok(())
+        Ok(Received::Str0m)
+    }
+
+    /// When the receive path beside str0m needs [`Peer::handle_timeout`] (its feedback), if
+    /// it does. [`Peer::poll`]'s timeouts include it.
+    pub fn ingress_deadline(&self) -> Option<Instant> {
+        match &self.receive {
+            ReceivePath::Beside(ingress) => ingress.deadline(),
+            _ => None,
+        }
     }
 
     /// Advances time.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), PeerError> {
+        if let ReceivePath::Beside(ingress) = &mut self.receive {
+            if ingress.deadline().is_some_and(|t| t <= now) {
+                ingress.handle_timeout(now);
+            }
+        }
         self.rtc.handle_input(Input::Timeout(now))?;
         Ok(())
     }
@@ -725,10 +843,24 @@ impl Peer {
 
     /// Next output. Events str0m emits that nobody here needs are skipped.
     pub fn poll(&mut self) -> Result<PeerOutput, PeerError> {
+        if let (ReceivePath::Beside(ingress), Some((source, destination))) =
+            (&mut self.receive, self.path)
+        {
+            if let Some(contents) = ingress.poll_datagram() {
+                return Ok(PeerOutput::Transmit {
+                    destination,
+                    source,
+                    contents,
+                });
+            }
+        }
         loop {
             let out = self.rtc.poll_output()?;
             let ev = match out {
-                Output::Timeout(t) => return Ok(PeerOutput::Timeout(t)),
+                Output::Timeout(t) => {
+                    let t = self.ingress_deadline().map_or(t, |i| i.min(t));
+                    return Ok(PeerOutput::Timeout(t));
+                }
                 Output::Transmit(t) => {
                     return Ok(PeerOutput::Transmit {
                         destination: t.destination,
@@ -799,6 +931,12 @@ impl Peer {
             payload: p.payload,
         })
     }
+}
+
+/// Whether a datagram is RTP: RFC 7983's range for RTP and RTCP (first octet 128–191), and
+/// not RTCP (RFC 5761 §4: packet types 192–223 in the second octet).
+fn is_rtp(datagram: &[u8]) -> bool {
+    datagram.len() >= 12 && (128..=191).contains(&datagram[0]) && !feedback::is_rtcp(datagram)
 }
 
 /// Appends a 12-byte RTP header (no CSRC).

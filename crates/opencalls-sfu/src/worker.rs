@@ -33,7 +33,7 @@ use crate::delay::DelayHistogram;
 use crate::forward::Recent;
 use crate::peer::{
     CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
-    PeerOutput, Rid, RtpRef,
+    PeerOutput, Received, Rid, RtpRef,
 };
 use crate::session::{LineRun, Publication, Session, Subscription, TrackSlot};
 use crate::stun;
@@ -618,7 +618,20 @@ impl Worker {
             session.peer.handle_receive(now, source, destination, data)
         }));
         match result {
-            Ok(Ok(())) => {}
+            Ok(Ok(Received::Str0m)) => {}
+            Ok(Ok(received)) => {
+                // The receive path beside str0m took it: nothing for str0m to drain, only
+                // its feedback timer to keep (an earlier wake than the session's is kept).
+                match received {
+                    Received::Rtp(rtp) => self.queue.push_back((key, PeerEvent::Rtp(rtp))),
+                    Received::Dropped => incr(&self.stats.dropped_invalid),
+                    Received::Kept | Received::Str0m => {}
+                }
+                if let Some(t) = session.peer.ingress_deadline() {
+                    self.timers.schedule(key, &mut session.timer, t);
+                }
+                return;
+            }
             Ok(Err(_)) => incr(&self.stats.dropped_invalid),
             Err(_) => {
                 self.closing.push((key, CloseReason::Crashed));

@@ -378,10 +378,7 @@ impl Sealer {
         fan_out: usize,
     ) -> bool {
         // RFC 7714 §8.1: IV = salt XOR (00 00 || SSRC || ROC || SEQ).
-        let mut counter = [0u8; 6];
-        counter[..4].copy_from_slice(&((index >> 16) as u32).to_be_bytes());
-        counter[4..].copy_from_slice(&(index as u16).to_be_bytes());
-        let iv = self.aead.iv(ssrc, counter);
+        let iv = self.aead.iv(ssrc, rtp_counter(index));
         let key = match &self.wide {
             Some(wide) if fan_out >= WIDE_FAN_OUT => wide,
             _ => &self.aead.key,
@@ -459,6 +456,94 @@ impl Opener {
             }
             None => {
                 out.clear();
+                false
+            }
+        }
+    }
+}
+
+/// Opens the remote's SRTP packets (its half of the RTP keys) on the receive path beside
+/// str0m (`ingress.rs`). Replay checks are the caller's: this only authenticates and decrypts.
+pub(crate) struct RtpOpener(Aead);
+
+impl RtpOpener {
+    /// The remote's RTP keys, or `None` for a profile this module does not implement.
+    pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<RtpOpener> {
+        let labels = (LABEL_RTP_ENCRYPTION, LABEL_RTP_SALT);
+        Aead::of(&SessionKey::derive(exported, provider, false, labels)?).map(RtpOpener)
+    }
+
+    /// Opens `packet` in place: `packet[..body]` is the header (the associated data),
+    /// `packet[body..]` the ciphertext and tag. `index` is the packet's extended sequence
+    /// number (RFC 7714 §8.1). The plaintext's length, if it authenticates.
+    pub fn open(&self, packet: &mut [u8], body: usize, ssrc: u32, index: u64) -> Option<usize> {
+        let (aad, data) = packet.split_at_mut_checked(body)?;
+        self.0
+            .key
+            .open(self.0.iv(ssrc, rtp_counter(index)), aad, data)
+    }
+}
+
+/// The 48-bit SRTP index (ROC and sequence number) as the IV's last six octets.
+fn rtp_counter(index: u64) -> [u8; 6] {
+    let mut counter = [0u8; 6];
+    counter.copy_from_slice(&index.to_be_bytes()[2..]);
+    counter
+}
+
+/// Seals the RTCP the receive path beside str0m writes itself (transport-cc feedback and
+/// NACKs) under our half of the RTCP keys. Its packets name a sender SSRC of their own, never
+/// one of str0m's: the SRTCP index counts per SSRC (the IV holds the SSRC), so this counter
+/// and str0m's never seal under the same IV.
+pub(crate) struct RtcpSealer {
+    aead: Aead,
+    /// The next SRTCP index (31 bits).
+    next: u32,
+}
+
+impl std::fmt::Debug for RtcpSealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RtcpSealer")
+            .field("next", &self.next)
+            .finish()
+    }
+}
+
+impl RtcpSealer {
+    /// Our RTCP keys, or `None` for a profile this module does not implement.
+    pub fn new(exported: &Exported, provider: &dyn SrtpProvider) -> Option<RtcpSealer> {
+        let labels = (LABEL_RTCP_ENCRYPTION, LABEL_RTCP_SALT);
+        let aead = Aead::of(&SessionKey::derive(exported, provider, true, labels)?)?;
+        Some(RtcpSealer { aead, next: 0 })
+    }
+
+    /// Appends compound RTCP packet `rtcp` to `out` as SRTCP (RFC 7714 §9: the first eight
+    /// octets in the clear, the rest encrypted, the tag, then the E flag and index). False
+    /// (and `out` unchanged) for a packet shorter than its first header or once the 31-bit
+    /// index is spent (a session would need to send for years at our rates).
+    pub fn seal(&mut self, rtcp: &[u8], out: &mut Vec<u8>) -> bool {
+        if rtcp.len() < 8 || self.next >= 0x7fff_ffff {
+            return false;
+        }
+        let index = self.next;
+        let e_index = (index | 0x8000_0000).to_be_bytes();
+        let ssrc = u32::from_be_bytes([rtcp[4], rtcp[5], rtcp[6], rtcp[7]]);
+        let [a, b, c, d] = index.to_be_bytes();
+        let iv = self.aead.iv(ssrc, [0, 0, a, b, c, d]);
+        let mut aad = [0u8; 12];
+        aad[..8].copy_from_slice(&rtcp[..8]);
+        aad[8..].copy_from_slice(&e_index);
+        let start = out.len();
+        out.extend_from_slice(rtcp);
+        match self.aead.key.seal(iv, &aad, &mut out[start + 8..]) {
+            Some(tag) => {
+                out.extend_from_slice(&tag);
+                out.extend_from_slice(&e_index);
+                self.next += 1;
+                true
+            }
+            None => {
+                out.truncate(start);
                 false
             }
         }
@@ -752,16 +837,83 @@ mod tests {
         }
     }
 
-    fn check_rfc_7714_srtcp_vector(mut opener: Opener) {
-        let plain = hex(
+    #[test]
+    fn rtcp_sealer_makes_the_rfc_7714_srtcp_vector_and_counts_its_index() {
+        let key: [u8; 16] = hex("000102030405060708090a0b0c0d0e0f").try_into().unwrap();
+        for library in LIBRARIES {
+            let mut sealer = RtcpSealer {
+                aead: rfc_7714_aead(library, &key),
+                next: 0x5d4,
+            };
+            let mut out = vec![0xAA];
+            assert!(sealer.seal(&rfc_7714_srtcp_plain(), &mut out));
+            assert_eq!((out[0], &out[1..]), (0xAA, &rfc_7714_srtcp_sealed()[..]));
+            assert_eq!(sealer.next, 0x5d5);
+            // Opened by the other side's opener with the same key and salt.
+            let mut opened = Vec::new();
+            assert!(Opener(rfc_7714_aead(library, &key)).open(&out[1..], &mut opened));
+            assert_eq!(opened, rfc_7714_srtcp_plain());
+            // Shorter than a header, or the index spent: nothing written.
+            let mut none = Vec::new();
+            assert!(!sealer.seal(&[0x80, 201, 0, 1], &mut none));
+            sealer.next = 0x7fff_ffff;
+            assert!(!sealer.seal(&rfc_7714_srtcp_plain(), &mut none));
+            assert!(none.is_empty());
+        }
+    }
+
+    #[test]
+    fn rtp_opener_opens_what_the_sealer_sealed_for_the_other_side() {
+        // Each side derives the other's sending keys as its receiving keys.
+        let material: Vec<u8> = (0..2 * (32 + GCM_SALT) as u8).collect();
+        let side = |active| Exported {
+            material: material.clone(),
+            profile: dimpl::SrtpProfile::AEAD_AES_256_GCM,
+            active,
+        };
+        let mut sealer = Sealer::new(&side(true), provider()).unwrap();
+        let opener = RtpOpener::new(&side(false), provider()).unwrap();
+        let header = [0x80u8, 96, 0x12, 0x34, 0, 0, 0, 9, 0, 0, 0, 5];
+        let payload = [0x42u8; 100];
+        let index = (2u64 << 16) | 0x1234;
+        let mut packet = [&header[..], &payload[..]].concat();
+        assert!(sealer.seal(&mut packet, 0, 12, 5, index, 1));
+        let mut copy = packet.clone();
+        assert_eq!(opener.open(&mut copy, 12, 5, index), Some(100));
+        assert_eq!(&copy[12..112], &payload[..]);
+        // The wrong index (ROC), SSRC or a flipped bit does not authenticate.
+        for (ssrc, idx, flip) in [
+            (5, index - (1 << 16), None),
+            (6, index, None),
+            (5, index, Some(3)),
+        ] {
+            let mut bad = packet.clone();
+            if let Some(i) = flip {
+                bad[i] ^= 1;
+            }
+            assert_eq!(opener.open(&mut bad, 12, ssrc, idx), None);
+        }
+        // A header longer than the packet: no panic.
+        assert_eq!(opener.open(&mut packet.clone(), 500, 5, index), None);
+    }
+
+    fn rfc_7714_srtcp_plain() -> Vec<u8> {
+        hex(
             "81c8000d 4d617273 4e545031 4e545032 52545020 0000042a 0000e930 4c756e61
              deadbeef deadbeef deadbeef deadbeef deadbeef",
-        );
-        let sealed = hex(
+        )
+    }
+
+    fn rfc_7714_srtcp_sealed() -> Vec<u8> {
+        hex(
             "81c8000d 4d617273 63e94885 dcdab67c a727d766 2f6b7e99 7ff5c0f7 6c06f32d
              c676a5f1 730d6fda 4ce09b46 86303ded 0bb9275b c84aa458 96cf4d2f c5abf872
              45d9eade 800005d4",
-        );
+        )
+    }
+
+    fn check_rfc_7714_srtcp_vector(mut opener: Opener) {
+        let (plain, sealed) = (rfc_7714_srtcp_plain(), rfc_7714_srtcp_sealed());
         let mut out = Vec::new();
         assert!(opener.open(&sealed, &mut out));
         assert_eq!(out, plain);
