@@ -282,12 +282,15 @@ export class CallsSession {
     const out = {};
     for (const tr of this.pc.getTransceivers()) {
       if (!tr.mid || !this.pushed.has(tr.mid) || tr.stopped) continue;
-      const st = { mid: tr.mid, kind: tr.sender.track?.kind, packetsSent: 0, bytesSent: 0, framesEncoded: 0 };
+      const st = { mid: tr.mid, kind: tr.sender.track?.kind, packetsSent: 0, bytesSent: 0, framesEncoded: 0,
+        nackCount: 0, retransmittedPacketsSent: 0 };
       (await tr.sender.getStats()).forEach((s) => {
         if (s.type === 'outbound-rtp') {
           st.packetsSent = s.packetsSent ?? 0;
           st.bytesSent = s.bytesSent ?? 0;
           st.framesEncoded = s.framesEncoded ?? 0;
+          st.nackCount = s.nackCount ?? 0;
+          st.retransmittedPacketsSent = s.retransmittedPacketsSent ?? 0;
         }
       });
       out[tr.mid] = st;

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use opencalls_server::config::{IngressArg, ServeConfig};
 use opencalls_testkit::{pump, Api, ClientPeer};
 use str0m::format::Codec;
 use str0m::media::MediaKind;
@@ -315,7 +316,20 @@ fn worker_sum(
 
 #[test]
 fn nack_rtx_recovers_loss_on_each_hop() {
-    let ts = TestServer::start(2);
+    nack_rtx_recovers_loss_on_each_hop_with(IngressArg::Beside);
+}
+
+/// The same with str0m receiving the publisher's RTP (`--ingress str0m`): its NACKs and RTX
+/// on the first hop.
+#[test]
+fn nack_rtx_recovers_loss_on_each_hop_with_str0m_receiving() {
+    nack_rtx_recovers_loss_on_each_hop_with(IngressArg::Str0m);
+}
+
+fn nack_rtx_recovers_loss_on_each_hop_with(ingress: IngressArg) {
+    let mut config = ServeConfig::for_tests(APP, SECRET, 2);
+    config.ingress = ingress;
+    let ts = TestServer::start_with(config);
     let api = &ts.api;
     let mut a = publish(api, &[MediaKind::Video], "lossy");
     let (_, mut b, mids) = subscribe_connected(api, &mut a, &[0]);
