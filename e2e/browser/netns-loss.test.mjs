@@ -16,6 +16,14 @@ function nft(...args) {
   return execFileSync('nft', args, { encoding: 'utf8' });
 }
 
+// The server's counters `names` ({key: metric}), each summed over its workers.
+async function metrics(names) {
+  const text = await (await fetch(new URL('/metrics', S.server.apiBase).href)).text();
+  const sum = (name) => [...text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\d+)$`, 'gm'))]
+    .reduce((total, m) => total + Number(m[1]), 0);
+  return Object.fromEntries(Object.entries(names).map(([key, name]) => [key, sum(name)]));
+}
+
 after(() => {
   try { nft('delete', 'table', 'inet', TABLE); } catch { /* not created */ }
 });
@@ -32,17 +40,11 @@ test('1 in 20 video datagrams lost SFU -> browser: NACKs answered with RTX, vide
     const ports = S.server.mediaAddrs.map((a) => Number(a.split(':').pop()));
     assert.ok(ports.length > 0 && ports.every((p) => p > 0), `media ports ${JSON.stringify(S.server.mediaAddrs)}`);
     const all = async () => inPage(page, () => window.P.inbound('B'));
-    // The server's counters, summed over its workers.
-    const serverCounters = async () => {
-      const metrics = await (await fetch(new URL('/metrics', S.server.apiBase).href)).text();
-      const sum = (name) => [...metrics.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\d+)$`, 'gm'))]
-        .reduce((total, m) => total + Number(m[1]), 0);
-      return {
-        rtx: sum('opencalls_egress_rtx_total'),
-        nacked: sum('opencalls_egress_nacked_total'),
-        dropped: sum('opencalls_dropped_send_total'),
-      };
-    };
+    const serverCounters = () => metrics({
+      rtx: 'opencalls_egress_rtx_total',
+      nacked: 'opencalls_egress_nacked_total',
+      dropped: 'opencalls_dropped_send_total',
+    });
     // The window is aligned with the drops: the stats are read before the rule exists,
     // the rule is removed after the 10 s of loss, and the stats are read again once the
     // last drops have had time to be repaired, so every drop counted has its repair
@@ -123,7 +125,8 @@ test('1 in 20 video datagrams lost browser -> SFU: the server NACKs, unwraps RTX
     nft('add', 'table', 'inet', TABLE);
     nft('add', 'counter', 'inet', TABLE, 'ingress_drops');
     nft('add', 'chain', 'inet', TABLE, 'in', '{ type filter hook input priority 0; }');
-    const [sentBefore, gotBefore] = [await sent(), await got()];
+    const ingress = () => metrics({ nacked: 'opencalls_ingress_nacked_total', rtx: 'opencalls_ingress_rtx_total' });
+    const [sentBefore, gotBefore, serverBefore] = [await sent(), await got(), await ingress()];
     nft('add', 'rule', 'inet', TABLE, 'in', 'udp', 'dport', `{ ${ports.join(', ')} }`,
       'udp', 'length', '>', '300', 'numgen', 'inc', 'mod', '20', '0', 'counter', 'name', 'ingress_drops', 'drop');
     await inPage(page, () => new Promise((res) => setTimeout(res, 10000)), undefined, 20000);
@@ -133,16 +136,20 @@ test('1 in 20 video datagrams lost browser -> SFU: the server NACKs, unwraps RTX
     const dropped = Number(/packets (\d+)/.exec(counter)?.[1] ?? 0);
     await inPage(page, () => new Promise((res) => setTimeout(res, 2000)), undefined, 10000);
     const sentAfter = await sent();
+    const serverAfter = await ingress();
+    const [nacked, unwrapped] = ['nacked', 'rtx'].map((k) => serverAfter[k] - serverBefore[k]);
     const d = (k) => sentAfter[k] - sentBefore[k];
     const decoded = gotDuring.framesDecoded - gotBefore.framesDecoded;
     console.log(`ingress loss: dropped ${dropped} datagrams; publisher got ${d('nackCount')} NACKs, ` +
       `sent ${d('retransmittedPacketsSent')} RTX; subscriber decoded ${decoded} frames in the 10 s, ` +
       `freezes ${gotDuring.freezeCount - gotBefore.freezeCount}, PLIs ${gotDuring.pliCount - gotBefore.pliCount}, ` +
       `lost ${gotDuring.packetsLost - gotBefore.packetsLost}, NACKs ${gotDuring.nackCount - gotBefore.nackCount}, ` +
-      `received ${gotDuring.packetsReceived - gotBefore.packetsReceived}, sent ${d('packetsSent')}`);
+      `received ${gotDuring.packetsReceived - gotBefore.packetsReceived}, sent ${d('packetsSent')}; ` +
+      `server: NACKed ${nacked}, RTX unwrapped ${unwrapped}`);
     assert.ok(dropped >= 10, `the rule dropped ${dropped} datagrams`);
     assert.ok(d('nackCount') > 0, 'the server NACKed the publisher');
     assert.ok(d('retransmittedPacketsSent') > 0, 'the publisher retransmitted');
+    assert.ok(nacked > 0 && unwrapped > 0, `the server NACKed ${nacked}, unwrapped ${unwrapped} retransmissions`);
     // The rule also drops the publisher's bandwidth probes (padding and resent packets on
     // its RTX SSRC, which need no repair), so drops outnumber retransmissions. What shows
     // the repair: the subscriber, behind a clean hop, misses (almost) nothing.

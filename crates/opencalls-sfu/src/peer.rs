@@ -16,6 +16,7 @@ mod ingress;
 mod srtp;
 
 pub use dtls::crypto_provider;
+pub use ingress::IngressCounts;
 pub(crate) use srtp::WIDE_FAN_OUT;
 pub use srtp::{select_aes_gcm, AesGcm, AesGcmChoice};
 
@@ -577,6 +578,14 @@ impl Peer {
             },
         ))?;
         Ok(Received::Str0m)
+    }
+
+    /// What the receive path beside str0m did since the last call, where this peer took it.
+    pub fn take_ingress_counts(&mut self) -> Option<IngressCounts> {
+        match &mut self.receive {
+            ReceivePath::Beside(ingress) => Some(ingress.take_counts()),
+            _ => None,
+        }
     }
 
     /// When the receive path beside str0m needs [`Peer::handle_timeout`] (its feedback), if

@@ -115,6 +115,14 @@ pub struct WorkerStats {
     pub egress_nacked: AtomicU64,
     /// Retransmissions (RTX) the egress path sent in answer to NACKs.
     pub egress_rtx: AtomicU64,
+    /// Sequence numbers the receive path beside str0m NACKed to publishers (each asking).
+    pub ingress_nacked: AtomicU64,
+    /// Publishers' retransmissions it unwrapped into their streams.
+    pub ingress_rtx: AtomicU64,
+    /// Transport-cc feedback packets it sent to publishers.
+    pub ingress_feedback: AtomicU64,
+    /// Authentic publisher packets it did not forward because they were already delivered.
+    pub ingress_duplicates: AtomicU64,
     /// Sessions closed because of a panic.
     pub crashed_sessions: AtomicU64,
     /// Sessions currently on the worker.
@@ -784,7 +792,15 @@ impl Worker {
     fn housekeeping(&mut self, now: Instant) {
         let t = self.timeouts.clone();
         let mut idle_tracks = Vec::new();
-        for (key, s) in &self.sessions {
+        for (key, s) in &mut self.sessions {
+            if let Some(c) = s.peer.take_ingress_counts() {
+                let st = &self.stats;
+                st.ingress_nacked.fetch_add(c.nacked, Ordering::Relaxed);
+                st.ingress_rtx.fetch_add(c.rtx, Ordering::Relaxed);
+                st.ingress_feedback.fetch_add(c.feedback, Ordering::Relaxed);
+                st.ingress_duplicates
+                    .fetch_add(c.duplicates, Ordering::Relaxed);
+            }
             if !s.peer.was_connected() {
                 if now.saturating_duration_since(s.last_negotiation) > t.unconnected {
                     self.closing.push((*key, CloseReason::NeverConnected));

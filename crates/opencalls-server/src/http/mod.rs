@@ -82,7 +82,7 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let counters: [(&str, &str, StatFn); 13] = [
+    let counters: [(&str, &str, StatFn); 17] = [
         (
             "opencalls_commands_total",
             "Control commands a media worker handled",
@@ -138,6 +138,26 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             "opencalls_egress_rtx_total",
             "Retransmissions (RTX) sent without str0m in answer to subscribers' NACKs",
             |s| s.egress_rtx.load(Relaxed),
+        ),
+        (
+            "opencalls_ingress_nacked_total",
+            "Sequence numbers the receive path beside str0m NACKed to publishers",
+            |s| s.ingress_nacked.load(Relaxed),
+        ),
+        (
+            "opencalls_ingress_rtx_total",
+            "Publishers' retransmissions (RTX) unwrapped into their streams",
+            |s| s.ingress_rtx.load(Relaxed),
+        ),
+        (
+            "opencalls_ingress_feedback_total",
+            "Transport-cc feedback packets sent to publishers",
+            |s| s.ingress_feedback.load(Relaxed),
+        ),
+        (
+            "opencalls_ingress_duplicates_total",
+            "Authentic publisher packets not forwarded because they were already delivered",
+            |s| s.ingress_duplicates.load(Relaxed),
         ),
         (
             "opencalls_crashed_sessions_total",

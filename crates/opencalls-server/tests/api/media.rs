@@ -380,6 +380,29 @@ fn nack_rtx_recovers_loss_on_each_hop_with(ingress: IngressArg) {
     seqs.dedup();
     assert_eq!(seqs.len(), 1030);
     assert_eq!(seqs[1029] - seqs[0], 1029);
+    // On the first hop: the receive path beside str0m NACKed and unwrapped (its counts
+    // reach the worker's stats at housekeeping), or, with str0m receiving, nothing did.
+    let counts = |ts: &TestServer| {
+        [
+            worker_sum(ts, |s| &s.ingress_nacked),
+            worker_sum(ts, |s| &s.ingress_rtx),
+            worker_sum(ts, |s| &s.ingress_feedback),
+        ]
+    };
+    pump(&mut [&mut a.peer, &mut b], Duration::from_secs(2), |_| {
+        counts(&ts)[1] >= 2
+    });
+    let [nacked, unwrapped, feedback] = counts(&ts);
+    if ingress == IngressArg::Beside {
+        assert!(
+            nacked >= 2,
+            "{nacked} sequence numbers NACKed to the publisher"
+        );
+        assert!(unwrapped >= 2, "{unwrapped} retransmissions unwrapped");
+        assert!(feedback > 0, "no transport-cc feedback sent");
+    } else {
+        assert_eq!([nacked, unwrapped, feedback], [0, 0, 0]);
+    }
 }
 
 #[test]

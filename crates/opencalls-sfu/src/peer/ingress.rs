@@ -363,6 +363,13 @@ impl Nacks {
         }
     }
 
+    /// Whether `index` is among the packets still missing.
+    fn is_missing(&self, index: u64) -> bool {
+        self.missing
+            .binary_search_by_key(&index, |m| m.index)
+            .is_ok()
+    }
+
     /// The indexes to NACK now; forgets those asked for too often or too long.
     fn due(&mut self, now: Instant, out: &mut Vec<u64>) {
         out.clear();
@@ -454,12 +461,13 @@ impl TwccFeedback {
         (self.received > 0).then(|| self.last_report + TWCC_INTERVAL)
     }
 
-    /// Appends feedback packets for everything up to the last arrival recorded.
-    fn report(&mut self, sender: u32, media: u32, now: Instant, out: &mut Vec<u8>) {
+    /// Appends feedback packets for everything up to the last arrival recorded; how many.
+    fn report(&mut self, sender: u32, media: u32, now: Instant, out: &mut Vec<u8>) -> u64 {
         self.last_report = now;
         let Some(epoch) = self.epoch else {
-            return;
+            return 0;
         };
+        let mut packets = 0;
         let ticks = |t: Instant| (t.saturating_duration_since(epoch).as_micros() / TICK_US) as i64;
         while self.received > 0 {
             // A long run of losses before the next arrival would not fit one report: the
@@ -470,7 +478,7 @@ impl TwccFeedback {
                 self.base += lost as u64;
             }
             let Some(first) = self.arrivals.iter().flatten().next().copied() else {
-                return;
+                return packets;
             };
             let reference = ticks(first) / REF_TICKS;
             let mut prev = reference * REF_TICKS;
@@ -511,7 +519,7 @@ impl TwccFeedback {
             if reported == 0 {
                 // A gap too wide for a delta before the first arrival: cannot happen (the
                 // reference is the first arrival's); guard the loop anyway.
-                return;
+                return packets;
             }
             let start = out.len();
             out.extend_from_slice(&[0x80 | FMT_TWCC, PT_RTPFB, 0, 0]);
@@ -535,7 +543,9 @@ impl TwccFeedback {
             self.arrivals.drain(..taken);
             self.base += taken as u64;
             self.received -= reported;
+            packets += 1;
         }
+        packets
     }
 }
 
@@ -575,8 +585,23 @@ fn write_nack(sender: u32, media: u32, indexes: &[u64], out: &mut Vec<u8>) {
     pad_rtcp(out, start);
 }
 
+/// What the receive path did, counted since the owner last took the counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngressCounts {
+    /// Sequence numbers NACKed (each asking counted).
+    pub nacked: u64,
+    /// Retransmissions unwrapped into their stream.
+    pub rtx: u64,
+    /// Transport-cc feedback packets sent.
+    pub feedback: u64,
+    /// Authentic packets already delivered (retransmissions of packets that came after
+    /// all): not forwarded again.
+    pub duplicates: u64,
+}
+
 /// One peer's receive path beside str0m.
 pub(crate) struct Ingress {
+    counts: IngressCounts,
     opener: RtpOpener,
     sealer: RtcpSealer,
     /// The sender SSRC of our feedback.
@@ -613,6 +638,7 @@ impl Ingress {
         now: Instant,
     ) -> Option<Ingress> {
         Some(Ingress {
+            counts: IngressCounts::default(),
             opener: RtpOpener::new(exported, provider)?,
             sealer: RtcpSealer::new(exported, provider)?,
             ssrc: rand::random_range(1..u32::MAX),
@@ -640,6 +666,11 @@ impl Ingress {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// The counts since the last call.
+    pub fn take_counts(&mut self) -> IngressCounts {
+        std::mem::take(&mut self.counts)
     }
 
     /// A sealed feedback datagram to send, if any.
@@ -718,10 +749,13 @@ impl Ingress {
                     .stream_rx(&Ssrc::from(h.ssrc))
                     .and_then(|rx| rx.rtx());
                 if let Some(rtx) = rtx {
-                    self.remotes.entry(*rtx).or_insert(Remote {
+                    let r = self.remotes.entry(*rtx).or_insert(Remote {
                         window: Window::default(),
-                        role: Role::Repair { primary: h.ssrc },
+                        role: Role::Unknown,
                     });
+                    if matches!(r.role, Role::Unknown) {
+                        r.role = Role::Repair { primary: h.ssrc };
+                    }
                 }
             }
             if let Some(r) = self.remotes.get_mut(&h.ssrc) {
@@ -750,8 +784,15 @@ impl Ingress {
         let Some(Role::Media(media)) = self.remotes.get_mut(&primary).map(|r| &mut r.role) else {
             return Verdict::Kept;
         };
-        if !media.delivered.is_new(index) {
+        // Not delivered yet: newer than the window or unseen in it, or a packet still
+        // missing that is older (a late retransmission on a fast stream).
+        let missing = media.nacks.as_ref().is_some_and(|n| n.is_missing(index));
+        if !media.delivered.is_new(index) && !missing {
+            self.counts.duplicates += 1;
             return Verdict::Kept;
+        }
+        if primary != h.ssrc {
+            self.counts.rtx += 1;
         }
         media.delivered.mark(index);
         if let Some(nacks) = &mut media.nacks {
@@ -802,7 +843,8 @@ impl Ingress {
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut rtcp = Vec::new();
         if self.twcc.due().is_some_and(|t| t <= now) {
-            self.twcc
+            self.counts.feedback += self
+                .twcc
                 .report(self.ssrc, self.first_media, now, &mut rtcp);
         }
         if self.nack_at.is_some_and(|t| t <= now) {
@@ -818,6 +860,7 @@ impl Ingress {
                 nacks.due(now, &mut indexes);
                 if !indexes.is_empty() {
                     write_nack(self.ssrc, *ssrc, &indexes, &mut rtcp);
+                    self.counts.nacked += indexes.len() as u64;
                 }
                 any |= !nacks.missing.is_empty();
             }
