@@ -240,6 +240,11 @@ pub struct Peer {
     /// Our address and the remote's, as the last RTP datagram came: where the receive path
     /// beside str0m sends its feedback.
     path: Option<(SocketAddr, SocketAddr)>,
+    /// str0m's deadline, while nothing was handed to str0m since it named it: until then
+    /// [`Peer::poll`] and [`Peer::handle_timeout`] leave str0m alone (a poll walks all its
+    /// streams), so the receive path's own timers cost str0m nothing. Every method that
+    /// hands str0m something clears it.
+    str0m_next: Option<Instant>,
 }
 
 /// Who opens a publisher's RTP.
@@ -396,6 +401,7 @@ impl Peer {
             },
             mids: Vec::new(),
             path: None,
+            str0m_next: None,
         })
     }
 
@@ -424,6 +430,7 @@ impl Peer {
     /// Accepts the client's offer and returns our answer.
     pub fn accept_offer(&mut self, sdp: &str) -> Result<String, PeerError> {
         let offer = SdpOffer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
+        self.str0m_next = None;
         let answer = self.rtc.sdp_api().accept_offer(offer)?;
         self.pending = None;
         self.renegotiated();
@@ -438,6 +445,7 @@ impl Peer {
 
     /// Creates an offer adding `medias`; returns the SDP and the new mids in order.
     pub fn create_offer(&mut self, medias: &[NewMedia]) -> Result<(String, Vec<Mid>), PeerError> {
+        self.str0m_next = None;
         let mut api = self.rtc.sdp_api();
         let mids: Vec<Mid> = medias
             .iter()
@@ -473,6 +481,7 @@ impl Peer {
     pub fn accept_answer(&mut self, sdp: &str) -> Result<(), PeerError> {
         let answer = SdpAnswer::from_sdp_string(sdp).map_err(|e| PeerError::Sdp(e.to_string()))?;
         let pending = self.pending.take().ok_or(PeerError::NoPendingOffer)?;
+        self.str0m_next = None;
         self.rtc.sdp_api().accept_answer(pending, answer)?;
         self.renegotiated();
         Ok(())
@@ -556,15 +565,18 @@ impl Peer {
             }
             if let ReceivePath::Beside(ingress) = &mut self.receive {
                 self.path = Some((destination, source));
-                return Ok(
-                    match ingress.receive(&mut self.rtc, &self.mids, contents, now) {
-                        ingress::Verdict::Rtp(rtp) => Received::Rtp(rtp),
-                        ingress::Verdict::Kept => Received::Kept,
-                        ingress::Verdict::Dropped => Received::Dropped,
-                    },
-                );
+                let verdict = ingress.receive(&mut self.rtc, &self.mids, contents, now);
+                if ingress.take_touched_str0m() {
+                    self.str0m_next = None;
+                }
+                return Ok(match verdict {
+                    ingress::Verdict::Rtp(rtp) => Received::Rtp(rtp),
+                    ingress::Verdict::Kept => Received::Kept,
+                    ingress::Verdict::Dropped => Received::Dropped,
+                });
             }
         }
+        self.str0m_next = None;
         let contents = contents
             .try_into()
             .map_err(|_| PeerError::Internal("unrecognised datagram".into()))?;
@@ -597,13 +609,17 @@ impl Peer {
         }
     }
 
-    /// Advances time.
+    /// Advances time: the receive path's timers and str0m's, each if due.
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), PeerError> {
         if let ReceivePath::Beside(ingress) = &mut self.receive {
             if ingress.deadline().is_some_and(|t| t <= now) {
                 ingress.handle_timeout(now);
             }
         }
+        if self.str0m_next.is_some_and(|t| now < t) {
+            return Ok(());
+        }
+        self.str0m_next = None;
         self.rtc.handle_input(Input::Timeout(now))?;
         Ok(())
     }
@@ -628,6 +644,7 @@ impl Peer {
         now: Instant,
     ) -> bool {
         let sender = self.rtx_sender(mid);
+        self.str0m_next = None;
         let mut api = self.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             return false;
@@ -693,6 +710,7 @@ impl Peer {
         let one_byte = |id: Option<u8>| id.filter(|id| (1..=14).contains(id));
         let abs_capture_time = one_byte(exts.id_of(Extension::AbsoluteCaptureTime));
         let mid_ext = one_byte(exts.id_of(Extension::RtpMid));
+        self.str0m_next = None;
         let mut api = self.rtc.direct_api();
         let tx = api.stream_tx_by_mid(mid, None)?;
         let (ssrc, rtx_ssrc) = (*tx.ssrc(), tx.rtx().map(|r| *r));
@@ -840,6 +858,7 @@ impl Peer {
         } else {
             KeyframeRequestKind::Pli
         };
+        self.str0m_next = None;
         if let Some(rx) = self.rtc.direct_api().stream_rx_by_mid(mid, rid) {
             rx.request_keyframe(kind);
         }
@@ -847,6 +866,7 @@ impl Peer {
 
     /// Closes the connection (DTLS close alert) and stops all timers.
     pub fn disconnect(&mut self) {
+        self.str0m_next = None;
         self.rtc.disconnect();
     }
 
@@ -863,10 +883,15 @@ impl Peer {
                 });
             }
         }
+        if let Some(t) = self.str0m_next {
+            let t = self.ingress_deadline().map_or(t, |i| i.min(t));
+            return Ok(PeerOutput::Timeout(t));
+        }
         loop {
             let out = self.rtc.poll_output()?;
             let ev = match out {
                 Output::Timeout(t) => {
+                    self.str0m_next = Some(t);
                     let t = self.ingress_deadline().map_or(t, |i| i.min(t));
                     return Ok(PeerOutput::Timeout(t));
                 }

@@ -34,9 +34,9 @@ use str0m::Rtc;
 use super::srtp::{Exported, RtcpSealer, RtpOpener};
 use super::{CodecSpec, RtpIn};
 
-/// How often transport-cc feedback goes out while packets arrive (libwebrtc's receivers
-/// send it every 50–250 ms by bitrate; str0m every 100 ms).
-pub(crate) const TWCC_INTERVAL: Duration = Duration::from_millis(50);
+/// How often transport-cc feedback goes out while packets arrive (str0m's interval, which
+/// this path replaces; libwebrtc's receivers send it every 50–250 ms by bitrate).
+pub(crate) const TWCC_INTERVAL: Duration = Duration::from_millis(100);
 /// How often missing packets are looked at for a NACK.
 const NACK_TICK: Duration = Duration::from_millis(20);
 /// Wait before asking again for a packet already NACKed.
@@ -618,6 +618,9 @@ pub(crate) struct Ingress {
     indexes: Vec<u64>,
     /// Sealed SRTCP waiting for `Peer::poll`.
     out: VecDeque<Vec<u8>>,
+    /// Whether a packet made this path declare or remove one of str0m's streams since
+    /// [`Ingress::take_touched_str0m`].
+    touched_str0m: bool,
 }
 
 impl std::fmt::Debug for Ingress {
@@ -651,6 +654,7 @@ impl Ingress {
             scratch: Vec::new(),
             indexes: Vec::new(),
             out: VecDeque::new(),
+            touched_str0m: false,
         })
     }
 
@@ -666,6 +670,11 @@ impl Ingress {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+    }
+
+    /// Whether str0m's state changed since the last call (its deadline may have).
+    pub fn take_touched_str0m(&mut self) -> bool {
+        std::mem::take(&mut self.touched_str0m)
     }
 
     /// The counts since the last call.
@@ -738,6 +747,7 @@ impl Ingress {
         }
         let info = self.pt_info(rtc, h.pt);
         if unknown {
+            self.touched_str0m = true;
             let role = resolve(rtc, &self.remotes, h.ssrc, info, &h, data);
             if matches!(role, Role::Media(_)) {
                 if self.first_media == 0 {
