@@ -24,6 +24,7 @@
 //! packet authenticates.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
@@ -31,7 +32,7 @@ use str0m::media::{Mid, Rid};
 use str0m::rtp::{AbsCaptureTime, Extension, ExtensionValues, Ssrc, VideoOrientation};
 use str0m::Rtc;
 
-use super::srtp::{Exported, RtcpSealer, RtpOpener};
+use super::srtp::{Exported, RtcpSealer, RtpOpener, TAG};
 use super::{CodecSpec, RtpIn};
 
 /// How often transport-cc feedback goes out while packets arrive (str0m's interval, which
@@ -614,7 +615,6 @@ pub(crate) struct Ingress {
     twcc: TwccFeedback,
     /// The next look at missing packets, while any are.
     nack_at: Option<Instant>,
-    scratch: Vec<u8>,
     indexes: Vec<u64>,
     /// Sealed SRTCP waiting for `Peer::poll`.
     out: VecDeque<Vec<u8>>,
@@ -651,7 +651,6 @@ impl Ingress {
             remotes: FxHashMap::default(),
             twcc: TwccFeedback::new(now),
             nack_at: None,
-            scratch: Vec::new(),
             indexes: Vec::new(),
             out: VecDeque::new(),
             touched_str0m: false,
@@ -718,11 +717,19 @@ impl Ingress {
         if !self.remotes.contains_key(&h.ssrc) && self.remotes.len() >= MAX_REMOTE_SSRCS {
             return Verdict::Dropped;
         }
-        self.scratch.clear();
-        self.scratch.extend_from_slice(data);
-        let Some(n) = self.opener.open(&mut self.scratch, h.body, h.ssrc, index) else {
+        // The ciphertext is copied once, into the payload's own buffer, and opened there.
+        let Some(sealed) = data.len().checked_sub(TAG).filter(|n| *n >= h.body) else {
             return Verdict::Dropped;
         };
+        let mut plain: Arc<[u8]> = Arc::from(&data[h.body..sealed]);
+        let Some(buf) = Arc::get_mut(&mut plain) else {
+            return Verdict::Dropped;
+        };
+        let (header, tag) = (&data[..h.body], &data[sealed..]);
+        if !self.opener.open(header, buf, tag, h.ssrc, index) {
+            return Verdict::Dropped;
+        }
+        let n = plain.len();
         // Authentic from here on.
         let remote = self.remotes.entry(h.ssrc).or_insert(Remote {
             window: Window::default(),
@@ -737,7 +744,7 @@ impl Ingress {
         if h.padding {
             // RFC 3550 §5.1: the last octet counts the padding, itself included.
             let pad = match n.checked_sub(1) {
-                Some(last) => usize::from(self.scratch[h.body + last]),
+                Some(last) => usize::from(plain[last]),
                 None => 0,
             };
             if pad == 0 || pad > n {
@@ -772,22 +779,21 @@ impl Ingress {
                 r.role = role;
             }
         }
-        let body = h.body;
         let (primary, index, payload, pt) = match (&self.remotes[&h.ssrc].role, info) {
-            (Role::Media(_), PtInfo::Media { .. }) => (h.ssrc, index, body..body + len, h.pt),
+            (Role::Media(_), PtInfo::Media { .. }) => (h.ssrc, index, 0..len, h.pt),
             (Role::Repair { primary }, PtInfo::Repair { of }) => {
                 // RFC 4588 §4: the original sequence number, then the original payload.
                 if len < 2 {
                     return Verdict::Kept;
                 }
-                let osn = u16::from_be_bytes([self.scratch[body], self.scratch[body + 1]]);
+                let osn = u16::from_be_bytes([plain[0], plain[1]]);
                 let Some(p) = self.remotes.get(primary) else {
                     return Verdict::Kept;
                 };
                 let Some(original) = p.window.index(osn) else {
                     return Verdict::Kept;
                 };
-                (*primary, original, body + 2..body + len, of)
+                (*primary, original, 2..len, of)
             }
             _ => return Verdict::Kept,
         };
@@ -826,7 +832,12 @@ impl Ingress {
             rtp_time: h.rtp_time,
             marker: h.marker,
             ext: h.ext,
-            payload: std::sync::Arc::from(&self.scratch[payload]),
+            // Cut (a copy) only where padding or an RTX header surrounds the payload.
+            payload: if payload.len() == plain.len() {
+                plain
+            } else {
+                Arc::from(&plain[payload])
+            },
         })
     }
 

@@ -199,6 +199,28 @@ impl GcmKey {
         Some(tag)
     }
 
+    /// Decrypts `data` in place, checking it against `tag` (kept apart from it); whether it
+    /// authenticated.
+    fn open_separate_tag(&self, nonce: [u8; 12], aad: &[u8], data: &mut [u8], tag: &[u8]) -> bool {
+        match self {
+            GcmKey::Ring(key) => {
+                use ring::aead::{Aad, Nonce, Tag};
+                let Ok(tag) = <[u8; TAG]>::try_from(tag) else {
+                    return false;
+                };
+                let nonce = Nonce::assume_unique_for_key(nonce);
+                key.open_in_place_separate_tag(nonce, Aad::from(aad), Tag::from(tag), data, 0..)
+                    .is_ok()
+            }
+            GcmKey::AwsLc(key) => {
+                use aws_lc_rs::aead::{Aad, Nonce};
+                let nonce = Nonce::assume_unique_for_key(nonce);
+                key.open_in_place_separate_tag(nonce, Aad::from(aad), tag, data)
+                    .is_ok()
+            }
+        }
+    }
+
     /// Decrypts ciphertext-and-tag `data` in place; the plaintext's length, if it
     /// authenticates.
     fn open(&self, nonce: [u8; 12], aad: &[u8], data: &mut [u8]) -> Option<usize> {
@@ -473,14 +495,19 @@ impl RtpOpener {
         Aead::of(&SessionKey::derive(exported, provider, false, labels)?).map(RtpOpener)
     }
 
-    /// Opens `packet` in place: `packet[..body]` is the header (the associated data),
-    /// `packet[body..]` the ciphertext and tag. `index` is the packet's extended sequence
-    /// number (RFC 7714 §8.1). The plaintext's length, if it authenticates.
-    pub fn open(&self, packet: &mut [u8], body: usize, ssrc: u32, index: u64) -> Option<usize> {
-        let (aad, data) = packet.split_at_mut_checked(body)?;
-        self.0
-            .key
-            .open(self.0.iv(ssrc, rtp_counter(index)), aad, data)
+    /// Opens `ciphertext` in place, with `header` as the associated data and the `tag` that
+    /// followed the ciphertext. `index` is the packet's extended sequence number (RFC 7714
+    /// §8.1). Whether it authenticated (if not, `ciphertext` holds no plaintext).
+    pub fn open(
+        &self,
+        header: &[u8],
+        ciphertext: &mut [u8],
+        tag: &[u8],
+        ssrc: u32,
+        index: u64,
+    ) -> bool {
+        let iv = self.0.iv(ssrc, rtp_counter(index));
+        self.0.key.open_separate_tag(iv, header, ciphertext, tag)
     }
 }
 
@@ -878,10 +905,16 @@ mod tests {
         let index = (2u64 << 16) | 0x1234;
         let mut packet = [&header[..], &payload[..]].concat();
         assert!(sealer.seal(&mut packet, 0, 12, 5, index, 1));
-        let mut copy = packet.clone();
-        assert_eq!(opener.open(&mut copy, 12, 5, index), Some(100));
-        assert_eq!(&copy[12..112], &payload[..]);
-        // The wrong index (ROC), SSRC or a flipped bit does not authenticate.
+        let open = |packet: &[u8], ssrc, index| {
+            let (header, rest) = packet.split_at(12);
+            let (ciphertext, tag) = rest.split_at(rest.len() - TAG);
+            let mut plain = ciphertext.to_vec();
+            opener
+                .open(header, &mut plain, tag, ssrc, index)
+                .then_some(plain)
+        };
+        assert_eq!(open(&packet, 5, index), Some(payload.to_vec()));
+        // The wrong index (ROC), SSRC, a flipped bit or a short tag does not authenticate.
         for (ssrc, idx, flip) in [
             (5, index - (1 << 16), None),
             (6, index, None),
@@ -891,10 +924,11 @@ mod tests {
             if let Some(i) = flip {
                 bad[i] ^= 1;
             }
-            assert_eq!(opener.open(&mut bad, 12, ssrc, idx), None);
+            assert_eq!(open(&bad, ssrc, idx), None);
         }
-        // A header longer than the packet: no panic.
-        assert_eq!(opener.open(&mut packet.clone(), 500, 5, index), None);
+        let mut plain = packet[12..packet.len() - TAG].to_vec();
+        let short_tag = &packet[packet.len() - 8..];
+        assert!(!opener.open(&packet[..12], &mut plain, short_tag, 5, index));
     }
 
     fn rfc_7714_srtcp_plain() -> Vec<u8> {
