@@ -58,6 +58,26 @@ test('echo: browser-direct push A/V in session A, pull into session B, media wit
     console.log(`publisher availableOutgoingBitrate (kbit/s): ${bwe.samples.join(' ')}`);
     assert.ok(bwe.best >= 1e6, `publisher's bandwidth estimate stayed at ${Math.round(bwe.best / 1000)} kbit/s`);
 
+    // The SFU's receiver reports reach the publisher: its video has a remote-inbound-rtp
+    // with a round-trip time (from the report's LSR/DLSR, echoing the publisher's sender
+    // report) and packet counts.
+    const reports = await inPage(page, async () => {
+      const until = performance.now() + 10000;
+      for (;;) {
+        let found = null;
+        (await window.P.sessions.A.pc.getStats()).forEach((s) => {
+          if (s.type === 'remote-inbound-rtp' && s.kind === 'video' && s.roundTripTime !== undefined) found = s;
+        });
+        if (found || performance.now() > until) {
+          return found && { rtt: found.roundTripTime, lost: found.packetsLost, fraction: found.fractionLost, jitter: found.jitter };
+        }
+        await new Promise((res) => setTimeout(res, 250));
+      }
+    }, undefined, 20000);
+    console.log(`publisher's remote-inbound-rtp (video): ${JSON.stringify(reports)}`);
+    assert.ok(reports, 'no remote-inbound-rtp with a round-trip time for the published video');
+    assert.ok(reports.rtt >= 0 && reports.rtt < 1, `round-trip time ${reports.rtt} s`);
+
     // Every call was cross-origin (page and API on different ports) and answered
     // with JSON; had CORS been refused, fetch would have thrown.
     const log = await inPage(page, () => window.P.apiLog);

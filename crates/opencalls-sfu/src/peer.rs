@@ -576,6 +576,11 @@ impl Peer {
                 });
             }
         }
+        if let ReceivePath::Beside(ingress) = &mut self.receive {
+            if feedback::is_rtcp(contents) {
+                ingress.read_sender_reports(contents, now);
+            }
+        }
         self.str0m_next = None;
         let contents = contents
             .try_into()

@@ -14,10 +14,11 @@
 //!   wide-cc-extensions-01) every [`TWCC_INTERVAL`];
 //! - NACKs the gaps of NACK-able streams (RFC 4585 §6.2.1) and unwraps retransmissions
 //!   (RFC 4588) into the stream they repair;
+//! - sends receiver reports (RFC 3550 §6.4.2) with a block per stream: loss, jitter, and the
+//!   last sender report's time (read from a copy of the publisher's SRTCP) for its RTT;
 //! - learns each SSRC's m-line and simulcast layer from str0m's streams (SSRCs the SDP named)
 //!   or the MID / RID / repaired-RID header extensions, and declares what it learns to str0m
-//!   (`expect_stream_rx`), so keyframe requests, sender reports and receiver-side RTCP stay
-//!   str0m's.
+//!   (`expect_stream_rx`), so keyframe requests and the publisher's RTCP stay str0m's.
 //!
 //! Our RTCP goes out under an SSRC of our own (see `RtcpSealer`). Everything here reads bytes
 //! a remote chose: lengths are checked against the buffer, and nothing is trusted before the
@@ -32,7 +33,7 @@ use str0m::media::{Mid, Rid};
 use str0m::rtp::{AbsCaptureTime, Extension, ExtensionValues, Ssrc, VideoOrientation};
 use str0m::Rtc;
 
-use super::srtp::{Exported, RtcpSealer, RtpOpener, TAG};
+use super::srtp::{Exported, Opener, RtcpSealer, RtpOpener, TAG};
 use super::{CodecSpec, RtpIn};
 
 /// How often transport-cc feedback goes out while packets arrive (str0m's interval, which
@@ -56,6 +57,11 @@ const TWCC_MAX_PENDING: u64 = 8192;
 const MAX_REMOTE_SSRCS: usize = 256;
 /// RTCP bytes per sealed datagram.
 const RTCP_DATAGRAM: usize = 1100;
+/// How often receiver reports go out (str0m's interval for video).
+const RR_INTERVAL: Duration = Duration::from_millis(1000);
+
+const PT_SR: u8 = 200;
+const PT_RR: u8 = 201;
 
 const PT_RTPFB: u8 = 205;
 const FMT_NACK: u8 = 1;
@@ -294,6 +300,8 @@ enum Role {
 struct MediaStream {
     mid: Mid,
     rid: Option<Rid>,
+    /// What its receiver report block says.
+    reception: Reception,
     /// Indexes handed to the forwarder (first transmissions and retransmissions alike).
     delivered: Window,
     /// Gaps to NACK, on streams whose payload type takes NACKs.
@@ -386,6 +394,83 @@ impl Nacks {
                 out.push(m.index);
             }
         }
+    }
+}
+
+/// What one stream's receiver report block (RFC 3550 §6.4.1) says: counts of the packets on
+/// its own SSRC (retransmissions come on the RTX SSRC and count as repairs, not receptions,
+/// as libwebrtc's receivers count them), interarrival jitter, the last sender report.
+#[derive(Debug, Default)]
+struct Reception {
+    /// First and highest extended sequence numbers received.
+    base: Option<u64>,
+    max: u64,
+    received: u64,
+    expected_prior: u64,
+    received_prior: u64,
+    /// RFC 3550 A.8: jitter in RTP ticks, times 16.
+    jitter: u32,
+    last_transit: Option<u32>,
+    /// The middle 32 bits of the last sender report's NTP time, and when it came.
+    last_sr: Option<(u32, Instant)>,
+}
+
+impl Reception {
+    /// A packet on the stream's SSRC: `index` its extended sequence number, `arrival` the
+    /// arrival time in the stream's RTP ticks.
+    fn arrived(&mut self, index: u64, rtp_time: u32, arrival: u32) {
+        let base = *self.base.get_or_insert(index);
+        if index < base {
+            self.base = Some(index);
+        }
+        self.max = self.max.max(index);
+        self.received += 1;
+        let transit = arrival.wrapping_sub(rtp_time);
+        if let Some(last) = self.last_transit {
+            let d = transit.wrapping_sub(last) as i32;
+            let d = d.unsigned_abs();
+            // J += (|D| - J) / 16, in sixteenths.
+            self.jitter = self
+                .jitter
+                .wrapping_add(d)
+                .wrapping_sub((self.jitter + 8) >> 4);
+        }
+        self.last_transit = Some(transit);
+    }
+
+    /// Appends the 24-byte report block for `ssrc`, if anything was received.
+    fn write_block(&mut self, ssrc: u32, now: Instant, out: &mut Vec<u8>) -> bool {
+        let Some(base) = self.base else {
+            return false;
+        };
+        let expected = self.max - base + 1;
+        let lost = expected as i64 - self.received as i64;
+        let lost = lost.clamp(-0x80_0000, 0x7f_ffff) as i32;
+        let expected_interval = expected - self.expected_prior;
+        let received_interval = self.received - self.received_prior;
+        self.expected_prior = expected;
+        self.received_prior = self.received;
+        let lost_interval = expected_interval as i64 - received_interval as i64;
+        let fraction = if expected_interval == 0 || lost_interval <= 0 {
+            0
+        } else {
+            ((lost_interval << 8) / expected_interval as i64).min(255) as u8
+        };
+        out.extend_from_slice(&ssrc.to_be_bytes());
+        out.push(fraction);
+        out.extend_from_slice(&lost.to_be_bytes()[1..]);
+        out.extend_from_slice(&(self.max as u32).to_be_bytes());
+        out.extend_from_slice(&(self.jitter >> 4).to_be_bytes());
+        let (lsr, dlsr) = match self.last_sr {
+            Some((lsr, at)) => {
+                let delay = now.saturating_duration_since(at);
+                (lsr, (delay.as_micros() * 65_536 / 1_000_000) as u32)
+            }
+            None => (0, 0),
+        };
+        out.extend_from_slice(&lsr.to_be_bytes());
+        out.extend_from_slice(&dlsr.to_be_bytes());
+        true
     }
 }
 
@@ -615,6 +700,14 @@ pub(crate) struct Ingress {
     twcc: TwccFeedback,
     /// The next look at missing packets, while any are.
     nack_at: Option<Instant>,
+    /// When the last receiver report went out, and whether any stream has one to give.
+    last_rr: Instant,
+    reporting: bool,
+    /// Zero of the arrival times in RTP ticks (jitter).
+    epoch: Instant,
+    /// The remote's SRTCP keys, to read its sender reports (str0m reads its own copy).
+    sr_opener: Opener,
+    rtcp_scratch: Vec<u8>,
     indexes: Vec<u64>,
     /// Sealed SRTCP waiting for `Peer::poll`.
     out: VecDeque<Vec<u8>>,
@@ -651,6 +744,11 @@ impl Ingress {
             remotes: FxHashMap::default(),
             twcc: TwccFeedback::new(now),
             nack_at: None,
+            last_rr: now,
+            reporting: false,
+            epoch: now,
+            sr_opener: Opener::new(exported, provider)?,
+            rtcp_scratch: Vec::new(),
             indexes: Vec::new(),
             out: VecDeque::new(),
             touched_str0m: false,
@@ -665,9 +763,39 @@ impl Ingress {
 
     /// When [`Ingress::handle_timeout`] must run next.
     pub fn deadline(&self) -> Option<Instant> {
-        match (self.twcc.due(), self.nack_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
+        let rr = self.reporting.then(|| self.last_rr + RR_INTERVAL);
+        [self.twcc.due(), self.nack_at, rr]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Reads the sender reports in an SRTCP datagram the remote sent (str0m gets the
+    /// datagram as usual): their times go into the receiver reports' LSR and DLSR. Only a
+    /// compound packet that starts with a sender report is opened (its first header is in
+    /// the clear).
+    pub fn read_sender_reports(&mut self, datagram: &[u8], now: Instant) {
+        if datagram.len() < 8 || datagram[1] != PT_SR {
+            return;
+        }
+        if !self.sr_opener.open(datagram, &mut self.rtcp_scratch) {
+            return;
+        }
+        let mut rest = &self.rtcp_scratch[..];
+        while rest.len() >= 4 && rest[0] >> 6 == 2 {
+            let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
+            let Some((packet, tail)) = rest.split_at_checked(len) else {
+                return;
+            };
+            if packet[1] == PT_SR && packet.len() >= 20 {
+                let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+                // The middle 32 bits of the 64-bit NTP time.
+                let lsr = u32::from_be_bytes([packet[10], packet[11], packet[12], packet[13]]);
+                if let Some(Role::Media(m)) = self.remotes.get_mut(&ssrc).map(|r| &mut r.role) {
+                    m.reception.last_sr = Some((lsr, now));
+                }
+            }
+            rest = tail;
         }
     }
 
@@ -809,6 +937,15 @@ impl Ingress {
         }
         if primary != h.ssrc {
             self.counts.rtx += 1;
+        } else {
+            let rate = match self.pts.get(&pt) {
+                Some(PtInfo::Media { codec: Some(c), .. }) => u128::from(c.clock_rate.get()),
+                _ => 90_000,
+            };
+            let since = now.saturating_duration_since(self.epoch).as_nanos();
+            let arrival = (since * rate / 1_000_000_000) as u32;
+            media.reception.arrived(index, h.rtp_time, arrival);
+            self.reporting = true;
         }
         media.delivered.mark(index);
         if let Some(nacks) = &mut media.nacks {
@@ -863,6 +1000,10 @@ impl Ingress {
     /// Sends the feedback that is due: transport-cc, then NACKs.
     pub fn handle_timeout(&mut self, now: Instant) {
         let mut rtcp = Vec::new();
+        if self.reporting && self.last_rr + RR_INTERVAL <= now {
+            self.last_rr = now;
+            self.write_receiver_reports(now, &mut rtcp);
+        }
         if self.twcc.due().is_some_and(|t| t <= now) {
             self.counts.feedback += self
                 .twcc
@@ -889,6 +1030,23 @@ impl Ingress {
             self.nack_at = any.then(|| now + NACK_TICK);
         }
         self.seal(&rtcp);
+    }
+
+    /// Appends receiver reports (31 blocks each at most) for every stream with receptions.
+    fn write_receiver_reports(&mut self, now: Instant, out: &mut Vec<u8>) {
+        let mut blocks = Vec::new();
+        for (ssrc, remote) in &mut self.remotes {
+            if let Role::Media(m) = &mut remote.role {
+                m.reception.write_block(*ssrc, now, &mut blocks);
+            }
+        }
+        for chunk in blocks.chunks(31 * 24) {
+            let start = out.len();
+            out.extend_from_slice(&[0x80 | (chunk.len() / 24) as u8, PT_RR, 0, 0]);
+            out.extend_from_slice(&self.ssrc.to_be_bytes());
+            out.extend_from_slice(chunk);
+            pad_rtcp(out, start);
+        }
     }
 
     /// Seals compound `rtcp` into datagrams of at most [`RTCP_DATAGRAM`] bytes, splitting
@@ -960,6 +1118,7 @@ fn resolve(
             Role::Media(Box::new(MediaStream {
                 mid,
                 rid,
+                reception: Reception::default(),
                 delivered: Window::default(),
                 nacks: nack.then(Nacks::default),
             }))
@@ -1135,6 +1294,53 @@ mod tests {
         super::super::feedback::for_each_nack(&out, |ssrc, seq| got.push((ssrc, seq)));
         assert_eq!(got, [10, 11, 26, 27, 40].map(|s| (2, s)));
         assert_eq!(out.len() % 4, 0);
+    }
+
+    #[test]
+    fn report_blocks_count_losses_since_the_last_report_and_carry_the_sender_report_time() {
+        let t0 = Instant::now();
+        let mut r = Reception::default();
+        let mut out = Vec::new();
+        assert!(
+            !r.write_block(7, t0, &mut out),
+            "nothing received, no block"
+        );
+        // 100..=109 with 103 and 104 missing; constant transit (no jitter).
+        for i in (100u64..110).filter(|i| *i != 103 && *i != 104) {
+            let ts = (i as u32) * 3000;
+            r.arrived(i, ts, ts + 500);
+        }
+        r.last_sr = Some((0x1234_5678, t0));
+        assert!(r.write_block(7, t0 + Duration::from_millis(500), &mut out));
+        assert_eq!(out.len(), 24);
+        assert_eq!(u32::from_be_bytes(out[0..4].try_into().unwrap()), 7);
+        assert_eq!(out[4], 51, "fraction lost: 2 of 10, in 256ths (512 / 10)");
+        assert_eq!(out[5..8], [0, 0, 2], "cumulative lost");
+        assert_eq!(u32::from_be_bytes(out[8..12].try_into().unwrap()), 109);
+        assert_eq!(
+            u32::from_be_bytes(out[12..16].try_into().unwrap()),
+            0,
+            "jitter"
+        );
+        assert_eq!(
+            u32::from_be_bytes(out[16..20].try_into().unwrap()),
+            0x1234_5678
+        );
+        assert_eq!(
+            u32::from_be_bytes(out[20..24].try_into().unwrap()),
+            32_768,
+            "half a second"
+        );
+        // The next interval: nothing lost; a late packet (a reordered 103) makes the
+        // cumulative count one smaller. Transit varying by 160 ticks: jitter grows by 10.
+        let mut out = Vec::new();
+        r.arrived(103, 103 * 3000, 103 * 3000 + 660);
+        r.arrived(110, 110 * 3000, 110 * 3000 + 500);
+        assert!(r.write_block(7, t0, &mut out));
+        assert_eq!(out[4], 0);
+        assert_eq!(out[5..8], [0, 0, 1]);
+        let jitter = u32::from_be_bytes(out[12..16].try_into().unwrap());
+        assert!((15..=25).contains(&jitter), "jitter {jitter}");
     }
 
     /// Decodes a transport-cc feedback packet: base, reference time, fb count, and per
