@@ -66,6 +66,10 @@ window.P = {
     return sessions[key].sessionId;
   },
   push: (key, mediaKey = 'cam', namePrefix) => sess(key).push(tracksOf(mediaKey), namePrefix ?? key),
+  // Video only, in simulcast layers `sendEncodings`.
+  pushSimulcast: (key, sendEncodings, mediaKey = 'cam') =>
+    sess(key).push(tracksOf(mediaKey).filter((t) => t.kind === 'video'), key, { sendEncodings }),
+  update: (key, mid, simulcast) => sess(key).update(mid, simulcast),
   pull: (key, remotes) => sess(key).pull(remotes),
   close: (key, mids) => sess(key).close(mids),
   forceClose: (key, mids) => sess(key).forceClose(mids),

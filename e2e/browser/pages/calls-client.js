@@ -120,9 +120,13 @@ export class CallsSession {
 
   // Push: sendonly transceivers for every track, createOffer, setLocalDescription,
   // POST tracks/new with the offer right away (no waiting for ICE gathering).
-  push(tracks, namePrefix = this.label) {
+  // `sendEncodings` (video only): simulcast layers, e.g. [{rid: 'h'}, {rid: 'l', ...}].
+  push(tracks, namePrefix = this.label, { sendEncodings } = {}) {
     return this.serial(async () => {
-      const trs = tracks.map((t) => this.pc.addTransceiver(t, { direction: 'sendonly' }));
+      const trs = tracks.map((t) => this.pc.addTransceiver(t, {
+        direction: 'sendonly',
+        ...(sendEncodings && t.kind === 'video' ? { sendEncodings } : {}),
+      }));
       await this.pc.setLocalDescription(await this.pc.createOffer());
       const wanted = trs.map((tr, i) => ({
         location: 'local',
@@ -152,7 +156,12 @@ export class CallsSession {
   pull(remotes) {
     return this.serial(async () => {
       const resp = await this.api.call('POST', this.path('tracks/new'), {
-        tracks: remotes.map((r) => ({ location: 'remote', sessionId: r.sessionId, trackName: r.trackName })),
+        tracks: remotes.map((r) => ({
+          location: 'remote',
+          sessionId: r.sessionId,
+          trackName: r.trackName,
+          ...(r.simulcast ? { simulcast: r.simulcast } : {}),
+        })),
       }, `${this.label} pull`);
       if (itemErrors(resp.tracks).length) throw new ApiError(`pull: item errors ${JSON.stringify(itemErrors(resp.tracks))}`, resp);
       if (resp.requiresImmediateRenegotiation !== true) throw new ApiError('pull: requiresImmediateRenegotiation is not true', resp);
@@ -176,6 +185,17 @@ export class CallsSession {
         this.pulled.set(o.mid, o);
       }
       return { tracks: out, appliedAt };
+    });
+  }
+
+  // tracks/update: another simulcast layer for pulled m-line `mid` (no SDP).
+  update(mid, simulcast) {
+    return this.serial(async () => {
+      const resp = await this.api.call('PUT', this.path('tracks/update'), {
+        tracks: [{ location: 'remote', mid, simulcast }],
+      }, `${this.label} update`);
+      if (itemErrors(resp.tracks).length) throw new ApiError(`update: item errors ${JSON.stringify(itemErrors(resp.tracks))}`, resp);
+      return resp;
     });
   }
 
