@@ -438,9 +438,10 @@ impl Reception {
         self.last_transit = Some(transit);
     }
 
-    /// Appends the 24-byte report block for `ssrc`, if anything was received.
+    /// Appends the 24-byte report block for `ssrc`, if packets came since the last one
+    /// (RFC 3550 §6.4: blocks for the sources heard from since the last report).
     fn write_block(&mut self, ssrc: u32, now: Instant, out: &mut Vec<u8>) -> bool {
-        let Some(base) = self.base else {
+        let Some(base) = self.base.filter(|_| self.received > self.received_prior) else {
             return false;
         };
         let expected = self.max - base + 1;
@@ -883,7 +884,11 @@ impl Ingress {
         let info = self.pt_info(rtc, h.pt);
         if unknown {
             self.touched_str0m = true;
-            let role = resolve(rtc, &self.remotes, h.ssrc, info, &h, data);
+            let (role, replaced) = resolve(rtc, &self.remotes, h.ssrc, info, &h, data);
+            if let Some(old) = replaced {
+                // Its NACKs and report blocks end with it.
+                self.remotes.remove(&old);
+            }
             if matches!(role, Role::Media(_)) {
                 if self.first_media == 0 {
                     self.first_media = h.ssrc;
@@ -1077,7 +1082,7 @@ impl Ingress {
 
 /// The role of a newly authenticated SSRC: from str0m's streams (SSRCs the SDP named, or
 /// ones declared here before) or the MID / RID / repaired-RID extensions. What it learns it
-/// declares to str0m.
+/// declares to str0m. Also the SSRC it replaced as its layer's stream, if any.
 fn resolve(
     rtc: &mut Rtc,
     remotes: &FxHashMap<u32, Remote>,
@@ -1085,13 +1090,14 @@ fn resolve(
     info: PtInfo,
     h: &Header,
     data: &[u8],
-) -> Role {
+) -> (Role, Option<u32>) {
     let mid = ident(data, h.mid).map(Mid::from);
     let receiving = |rtc: &Rtc, mid: Mid| {
         rtc.media(mid)
             .is_some_and(|m| !m.disabled() && m.direction().is_receiving())
     };
-    match info {
+    let mut replaced = None;
+    let role = match info {
         PtInfo::Media { nack, .. } => {
             let known = rtc
                 .direct_api()
@@ -1101,7 +1107,7 @@ fn resolve(
                 Some(k) => k,
                 None => {
                     let Some(mid) = mid.filter(|m| receiving(rtc, *m)) else {
-                        return Role::Unknown;
+                        return (Role::Unknown, None);
                     };
                     let rid = ident(data, h.rid).map(Rid::from);
                     let mut api = rtc.direct_api();
@@ -1110,6 +1116,7 @@ fn resolve(
                     let old = api.stream_rx_by_mid(mid, rid).map(|rx| *rx.ssrc());
                     if let Some(old) = old.filter(|o| *o != ssrc) {
                         api.remove_stream_rx(Ssrc::from(old));
+                        replaced = Some(old);
                     }
                     api.expect_stream_rx(Ssrc::from(ssrc), None, mid, rid);
                     (mid, rid)
@@ -1125,21 +1132,22 @@ fn resolve(
         }
         PtInfo::Repair { .. } => {
             let Some(mid) = mid.filter(|m| receiving(rtc, *m)) else {
-                return Role::Unknown;
+                return (Role::Unknown, None);
             };
             let rid = ident(data, h.rrid).map(Rid::from);
             let mut api = rtc.direct_api();
             let Some(primary) = api.stream_rx_by_mid(mid, rid).map(|rx| *rx.ssrc()) else {
-                return Role::Unknown;
+                return (Role::Unknown, None);
             };
             if !remotes.contains_key(&primary) {
-                return Role::Unknown;
+                return (Role::Unknown, None);
             }
             api.expect_stream_rx(Ssrc::from(primary), Some(Ssrc::from(ssrc)), mid, rid);
             Role::Repair { primary }
         }
         PtInfo::Unknown => Role::Unknown,
-    }
+    };
+    (role, replaced)
 }
 
 #[cfg(test)]
@@ -1341,6 +1349,9 @@ mod tests {
         assert_eq!(out[5..8], [0, 0, 1]);
         let jitter = u32::from_be_bytes(out[12..16].try_into().unwrap());
         assert!((15..=25).contains(&jitter), "jitter {jitter}");
+        // Nothing since: no block (a stream that stopped drops out of the reports).
+        assert!(!r.write_block(7, t0, &mut out));
+        assert_eq!(out.len(), 24);
     }
 
     /// Decodes a transport-cc feedback packet: base, reference time, fb count, and per
