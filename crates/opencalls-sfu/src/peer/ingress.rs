@@ -1007,7 +1007,9 @@ impl Ingress {
         let mut rtcp = Vec::new();
         if self.reporting && self.last_rr + RR_INTERVAL <= now {
             self.last_rr = now;
-            self.write_receiver_reports(now, &mut rtcp);
+            // A peer that stopped sending stops waking the worker (its next packet wakes
+            // the reports again).
+            self.reporting = self.write_receiver_reports(now, &mut rtcp);
         }
         if self.twcc.due().is_some_and(|t| t <= now) {
             self.counts.feedback += self
@@ -1037,8 +1039,9 @@ impl Ingress {
         self.seal(&rtcp);
     }
 
-    /// Appends receiver reports (31 blocks each at most) for every stream with receptions.
-    fn write_receiver_reports(&mut self, now: Instant, out: &mut Vec<u8>) {
+    /// Appends receiver reports (31 blocks each at most) for every stream heard from since
+    /// the last; whether there was any.
+    fn write_receiver_reports(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
         let mut blocks = Vec::new();
         for (ssrc, remote) in &mut self.remotes {
             if let Role::Media(m) = &mut remote.role {
@@ -1052,6 +1055,7 @@ impl Ingress {
             out.extend_from_slice(chunk);
             pad_rtcp(out, start);
         }
+        !blocks.is_empty()
     }
 
     /// Seals compound `rtcp` into datagrams of at most [`RTCP_DATAGRAM`] bytes, splitting
