@@ -217,6 +217,16 @@ impl Header {
     }
 }
 
+/// The payload's length without its padding (RFC 3550 §5.1: with the P bit, the last octet
+/// counts the padding octets, itself included); `None` for a count of 0 or past the payload.
+fn unpadded_len(payload: &[u8], padding: bool) -> Option<usize> {
+    if !padding {
+        return Some(payload.len());
+    }
+    let pad = usize::from(*payload.last()?);
+    (pad > 0).then(|| payload.len().checked_sub(pad)).flatten()
+}
+
 /// An identifier extension's value (MID, RID) as text, if printable.
 fn ident(data: &[u8], range: Option<(usize, usize)>) -> Option<&str> {
     let (a, b) = range?;
@@ -858,7 +868,6 @@ impl Ingress {
         if !self.opener.open(header, buf, tag, h.ssrc, index) {
             return Verdict::Dropped;
         }
-        let n = plain.len();
         // Authentic from here on.
         let remote = self.remotes.entry(h.ssrc).or_insert(Remote {
             window: Window::default(),
@@ -869,18 +878,9 @@ impl Ingress {
         if let Some(seq) = h.twcc {
             self.twcc.record(seq, now);
         }
-        let mut len = n;
-        if h.padding {
-            // RFC 3550 §5.1: the last octet counts the padding, itself included.
-            let pad = match n.checked_sub(1) {
-                Some(last) => usize::from(plain[last]),
-                None => 0,
-            };
-            if pad == 0 || pad > n {
-                return Verdict::Dropped;
-            }
-            len = n - pad;
-        }
+        let Some(len) = unpadded_len(&plain, h.padding) else {
+            return Verdict::Dropped;
+        };
         let info = self.pt_info(rtc, h.pt);
         if unknown {
             self.touched_str0m = true;
@@ -1241,6 +1241,17 @@ mod tests {
         assert!(parse(&lying, &IDS).is_none());
         // Not version 2.
         assert!(parse(&[0x40; 20], &IDS).is_none());
+    }
+
+    #[test]
+    fn padding_is_cut_by_its_count_and_a_bad_count_refused() {
+        assert_eq!(unpadded_len(&[1, 2, 3], false), Some(3));
+        assert_eq!(unpadded_len(&[1, 2, 0, 0, 3], true), Some(2));
+        // Padding only (a bandwidth probe): nothing left.
+        assert_eq!(unpadded_len(&[0, 0, 3], true), Some(0));
+        assert_eq!(unpadded_len(&[1, 2, 0], true), None, "a count of 0");
+        assert_eq!(unpadded_len(&[1, 9], true), None, "more than the payload");
+        assert_eq!(unpadded_len(&[], true), None);
     }
 
     #[test]
