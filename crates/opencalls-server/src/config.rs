@@ -54,8 +54,8 @@ pub struct ServeConfig {
     #[arg(long, env = "OPENCALLS_AES_GCM", value_enum, default_value_t = AesGcmArg::Auto)]
     pub aes_gcm: AesGcmArg,
     /// Who opens publishers' RTP: `beside` (our own path beside str0m: SRTP, replay window,
-    /// transport-cc feedback, NACKs and RTX; str0m keeps RTCP and keyframe requests) or
-    /// `str0m`.
+    /// transport-cc feedback, NACKs, RTX and receiver reports; str0m keeps the publisher's
+    /// RTCP and keyframe requests) or `str0m`.
     #[arg(long, env = "OPENCALLS_INGRESS", value_enum, default_value_t = IngressArg::Beside)]
     pub ingress: IngressArg,
 }

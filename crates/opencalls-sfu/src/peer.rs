@@ -253,9 +253,9 @@ pub enum IngressPath {
     /// str0m, as everything else.
     Str0m,
     /// Our own path beside str0m (`peer/ingress.rs`): SRTP, replay window, transport-cc
-    /// feedback, NACKs and RTX of its own, str0m kept for RTCP and keyframe requests. Taken
-    /// per peer at its first RTP packet where DTLS exported an AES-GCM profile; str0m keeps
-    /// the others.
+    /// feedback, NACKs, RTX and receiver reports of its own, str0m kept for the publisher's
+    /// RTCP and keyframe requests. Taken per peer at its first RTP packet where DTLS exported
+    /// an AES-GCM profile; str0m keeps the others.
     #[default]
     Beside,
 }
@@ -434,12 +434,11 @@ impl Peer {
         let answer = self.rtc.sdp_api().accept_offer(offer)?;
         self.pending = None;
         self.renegotiated();
-        for mid in sdp.lines().filter_map(|l| l.trim().strip_prefix("a=mid:")) {
-            let mid = Mid::from(mid);
-            if !self.mids.contains(&mid) {
-                self.mids.push(mid);
-            }
-        }
+        self.remember_mids(
+            sdp.lines()
+                .filter_map(|l| l.trim().strip_prefix("a=mid:"))
+                .map(Mid::from),
+        );
         Ok(answer.to_sdp_string())
     }
 
@@ -468,12 +467,7 @@ impl Peer {
             .apply()
             .ok_or_else(|| PeerError::Internal("offer without changes".into()))?;
         self.pending = Some(pending);
-        self.mids.extend(
-            mids.iter()
-                .filter(|m| !self.mids.contains(m))
-                .copied()
-                .collect::<Vec<_>>(),
-        );
+        self.remember_mids(mids.iter().copied());
         Ok((offer.to_sdp_string(), mids))
     }
 
@@ -527,6 +521,15 @@ impl Peer {
         let params = cfg.match_params(wanted)?;
         let pt = params.pt();
         media.remote_pts().contains(&pt).then(|| *pt)
+    }
+
+    /// Adds the m-lines not known yet to `mids`.
+    fn remember_mids(&mut self, mids: impl IntoIterator<Item = Mid>) {
+        for mid in mids {
+            if !self.mids.contains(&mid) {
+                self.mids.push(mid);
+            }
+        }
     }
 
     /// Payload types and extension ids may have changed.

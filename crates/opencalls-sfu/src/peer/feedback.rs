@@ -11,15 +11,25 @@ pub(crate) fn is_rtcp(datagram: &[u8]) -> bool {
 const PT_RTPFB: u8 = 205;
 const FMT_GENERIC_NACK: u8 = 1;
 
+/// The packets of compound RTCP packet `rtcp`, in order, each whole (version 2, its length
+/// field within the buffer). A malformed packet ends the walk; what came before it counts.
+pub(crate) fn packets(rtcp: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = rtcp;
+    std::iter::from_fn(move || {
+        if rest.len() < 4 || rest[0] >> 6 != 2 {
+            return None;
+        }
+        let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
+        let (packet, tail) = rest.split_at_checked(len)?;
+        rest = tail;
+        Some(packet)
+    })
+}
+
 /// Calls `f(media_ssrc, seq)` for every sequence number the generic NACKs in compound
 /// packet `rtcp` ask for. A malformed packet ends the walk; what came before it counts.
 pub(crate) fn for_each_nack(rtcp: &[u8], mut f: impl FnMut(u32, u16)) {
-    let mut rest = rtcp;
-    while rest.len() >= 4 && rest[0] >> 6 == 2 {
-        let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
-        let Some((packet, tail)) = rest.split_at_checked(len) else {
-            return;
-        };
+    for packet in packets(rtcp) {
         if packet[1] == PT_RTPFB && packet[0] & 0x1f == FMT_GENERIC_NACK && packet.len() >= 12 {
             let media = u32::from_be_bytes([packet[8], packet[9], packet[10], packet[11]]);
             for fci in packet[12..].chunks_exact(4) {
@@ -33,7 +43,6 @@ pub(crate) fn for_each_nack(rtcp: &[u8], mut f: impl FnMut(u32, u16)) {
                 }
             }
         }
-        rest = tail;
     }
 }
 

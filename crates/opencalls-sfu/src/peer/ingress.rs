@@ -792,12 +792,7 @@ impl Ingress {
         if !self.sr_opener.open(datagram, &mut self.rtcp_scratch) {
             return;
         }
-        let mut rest = &self.rtcp_scratch[..];
-        while rest.len() >= 4 && rest[0] >> 6 == 2 {
-            let len = (usize::from(u16::from_be_bytes([rest[2], rest[3]])) + 1) * 4;
-            let Some((packet, tail)) = rest.split_at_checked(len) else {
-                return;
-            };
+        for packet in super::feedback::packets(&self.rtcp_scratch) {
             if packet[1] == PT_SR && packet.len() >= 20 {
                 let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
                 // The middle 32 bits of the 64-bit NTP time.
@@ -806,7 +801,6 @@ impl Ingress {
                     m.reception.last_sr = Some((lsr, now));
                 }
             }
-            rest = tail;
         }
     }
 
@@ -843,17 +837,15 @@ impl Ingress {
         let Some(h) = parse(data, &ids) else {
             return Verdict::Dropped;
         };
-        let window = self
-            .remotes
-            .get(&h.ssrc)
-            .map_or_else(Window::default, |r| r.window);
+        let window = match self.remotes.get(&h.ssrc) {
+            Some(r) => r.window,
+            None if self.remotes.len() >= MAX_REMOTE_SSRCS => return Verdict::Dropped,
+            None => Window::default(),
+        };
         let Some(index) = window.index(h.seq) else {
             return Verdict::Dropped;
         };
         if !window.is_new(index) {
-            return Verdict::Dropped;
-        }
-        if !self.remotes.contains_key(&h.ssrc) && self.remotes.len() >= MAX_REMOTE_SSRCS {
             return Verdict::Dropped;
         }
         // The ciphertext is copied once, into the payload's own buffer, and opened there.
@@ -912,8 +904,8 @@ impl Ingress {
                 r.role = role;
             }
         }
-        let (primary, index, payload, pt) = match (&self.remotes[&h.ssrc].role, info) {
-            (Role::Media(_), PtInfo::Media { .. }) => (h.ssrc, index, 0..len, h.pt),
+        let (primary, index, payload, codec) = match (&self.remotes[&h.ssrc].role, info) {
+            (Role::Media(_), PtInfo::Media { codec, .. }) => (h.ssrc, index, 0..len, codec),
             (Role::Repair { primary }, PtInfo::Repair { of }) => {
                 // RFC 4588 §4: the original sequence number, then the original payload.
                 if len < 2 {
@@ -926,7 +918,13 @@ impl Ingress {
                 let Some(original) = p.window.index(osn) else {
                     return Verdict::Kept;
                 };
-                (*primary, original, 2..len, of)
+                // The repaired stream's payload type was seen (and looked up) before the
+                // repair could be placed.
+                let codec = match self.pts.get(&of) {
+                    Some(PtInfo::Media { codec, .. }) => *codec,
+                    _ => None,
+                };
+                (*primary, original, 2..len, codec)
             }
             _ => return Verdict::Kept,
         };
@@ -943,10 +941,7 @@ impl Ingress {
         if primary != h.ssrc {
             self.counts.rtx += 1;
         } else {
-            let rate = match self.pts.get(&pt) {
-                Some(PtInfo::Media { codec: Some(c), .. }) => u128::from(c.clock_rate.get()),
-                _ => 90_000,
-            };
+            let rate = codec.map_or(90_000, |c| u128::from(c.clock_rate.get()));
             let since = now.saturating_duration_since(self.epoch).as_nanos();
             let arrival = (since * rate / 1_000_000_000) as u32;
             media.reception.arrived(index, h.rtp_time, arrival);
@@ -962,10 +957,6 @@ impl Ingress {
             // Padding on the media SSRC (bandwidth probes): it holds a number, no media.
             return Verdict::Kept;
         }
-        let codec = match self.pts.get(&pt) {
-            Some(PtInfo::Media { codec, .. }) => *codec,
-            _ => None,
-        };
         Verdict::Rtp(RtpIn {
             mid: media.mid,
             rid: media.rid,
@@ -1061,25 +1052,23 @@ impl Ingress {
     /// Seals compound `rtcp` into datagrams of at most [`RTCP_DATAGRAM`] bytes, splitting
     /// between packets.
     fn seal(&mut self, rtcp: &[u8]) {
-        let mut rest = rtcp;
-        while !rest.is_empty() {
-            let mut take = 0;
-            while take + 4 <= rest.len() {
-                let words = u16::from_be_bytes([rest[take + 2], rest[take + 3]]);
-                let len = (usize::from(words) + 1) * 4;
-                if take > 0 && take + len > RTCP_DATAGRAM {
-                    break;
-                }
-                take = (take + len).min(rest.len());
+        let (mut start, mut len) = (0, 0);
+        for packet in super::feedback::packets(rtcp) {
+            if len > 0 && len + packet.len() > RTCP_DATAGRAM {
+                self.seal_datagram(&rtcp[start..start + len]);
+                (start, len) = (start + len, 0);
             }
-            if take == 0 {
-                return;
-            }
-            let mut datagram = Vec::with_capacity(take + 16 + 4);
-            if self.sealer.seal(&rest[..take], &mut datagram) {
-                self.out.push_back(datagram);
-            }
-            rest = &rest[take..];
+            len += packet.len();
+        }
+        if len > 0 {
+            self.seal_datagram(&rtcp[start..start + len]);
+        }
+    }
+
+    fn seal_datagram(&mut self, rtcp: &[u8]) {
+        let mut datagram = Vec::with_capacity(rtcp.len() + TAG + 4);
+        if self.sealer.seal(rtcp, &mut datagram) {
+            self.out.push_back(datagram);
         }
     }
 }
