@@ -222,10 +222,13 @@ pub struct Peer {
     codecs: HashMap<u8, Option<CodecSpec>>,
     /// The SRTP keying material our DTLS endpoint exports (filled once, after DTLS).
     keys: dtls::KeySlot,
-    /// Our sending SRTP context for packets str0m never sees, and our look at the
-    /// remote's SRTCP for the feedback on them; built at first use after DTLS (`Some(None)`:
-    /// the profile stays with str0m).
-    sealer: Option<Option<(srtp::Sealer, srtp::Opener)>>,
+    /// Our sending SRTP context for packets str0m never sees; built at first use after
+    /// DTLS (`Some(None)`: the profile stays with str0m).
+    sealer: Option<Option<srtp::Sealer>>,
+    /// Our look at the remote's SRTCP (str0m opens its own copy): the NACKs on packets
+    /// str0m never sent, the sender reports for the receive path's reports. One opener for
+    /// both, each datagram opened at most once; built at first use after DTLS.
+    rtcp_opener: Option<Option<srtp::Opener>>,
     /// Who sends retransmissions on each sending m-line's RTX SSRC. Decided once per
     /// m-line and never changed: two senders numbering one SSRC would seal two packets
     /// under one SRTP index.
@@ -312,7 +315,7 @@ pub struct EgressStream {
     /// with it), written once here: `element[..len]`, empty where MID was not negotiated.
     mid_element: ([u8; 17], usize),
     /// The RTX payload type, where the payload type is NACK-able: the caller then keeps
-    /// what it sends in a history and answers NACKs ([`Peer::read_nacks`],
+    /// what it sends in a history and answers NACKs ([`Peer::handle_receive`],
     /// [`Peer::seal_rtx`]).
     rtx_pt: Option<u8>,
 }
@@ -393,6 +396,7 @@ impl Peer {
             codecs: HashMap::new(),
             keys,
             sealer: None,
+            rtcp_opener: None,
             rtx: Vec::new(),
             rtcp: Vec::new(),
             receive: match config.ingress {
@@ -541,14 +545,18 @@ impl Peer {
     }
 
     /// Feeds a datagram from the network. RTP goes to the receive path beside str0m where
-    /// this peer took it (see [`IngressPath`]); everything else to str0m.
+    /// this peer took it (see [`IngressPath`]); everything else to str0m. `nacks` gets the
+    /// sequence numbers that generic NACKs in an SRTCP datagram ask for on m-lines whose
+    /// retransmissions are ours (see [`Peer::egress_stream`]), as `(mid, seq)`.
     pub fn handle_receive(
         &mut self,
         now: Instant,
         source: SocketAddr,
         destination: SocketAddr,
         contents: &[u8],
+        nacks: &mut Vec<(Mid, u16)>,
     ) -> Result<Received, PeerError> {
+        nacks.clear();
         if is_rtp(contents) {
             if matches!(self.receive, ReceivePath::Undecided) {
                 // Before DTLS exported keys str0m cannot open RTP either (it drops it and
@@ -579,10 +587,8 @@ impl Peer {
                 });
             }
         }
-        if let ReceivePath::Beside(ingress) = &mut self.receive {
-            if feedback::is_rtcp(contents) {
-                ingress.read_sender_reports(contents, now);
-            }
+        if feedback::is_rtcp(contents) {
+            self.read_rtcp(contents, now, nacks);
         }
         self.str0m_next = None;
         let contents = contents
@@ -693,8 +699,7 @@ impl Peer {
         if self.sealer.is_none() {
             let exported = self.keys.get()?;
             let provider = dtls::crypto_provider().srtp_provider;
-            let sealer =
-                srtp::Sealer::new(exported, provider).zip(srtp::Opener::new(exported, provider));
+            let sealer = srtp::Sealer::new(exported, provider);
             tracing::debug!(
                 ufrag = %self.ufrag,
                 profile = ?exported.profile,
@@ -767,19 +772,39 @@ impl Peer {
         })
     }
 
-    /// The sequence numbers the generic NACKs in `datagram` ask for on m-lines whose
-    /// retransmissions are ours (see [`Peer::egress_stream`]), as `(mid, seq)`. Opens a
-    /// copy of SRTCP with the remote's keys; str0m still gets the datagram as usual.
-    pub fn read_nacks(&mut self, datagram: &[u8], out: &mut Vec<(Mid, u16)>) {
-        out.clear();
+    /// Reads what this peer needs from an SRTCP datagram beside str0m (which still gets it):
+    /// the NACKs on m-lines whose retransmissions are ours, into `nacks`, and the sender
+    /// reports for the receive path beside str0m. Opens the datagram once, and only if one
+    /// of them may be in it.
+    fn read_rtcp(&mut self, datagram: &[u8], now: Instant, nacks: &mut Vec<(Mid, u16)>) {
         let ours = |r: &(Mid, RtxSender)| matches!(r.1, RtxSender::Us { .. });
-        if !feedback::is_rtcp(datagram) || !self.rtx.iter().any(ours) {
+        let want_nacks = matches!(self.sealer, Some(Some(_))) && self.rtx.iter().any(ours);
+        let ingress = match &mut self.receive {
+            ReceivePath::Beside(ingress) if ingress::starts_with_sender_report(datagram) => {
+                Some(ingress)
+            }
+            _ => None,
+        };
+        if !want_nacks && ingress.is_none() {
             return;
         }
-        let Some(Some((_, opener))) = &mut self.sealer else {
+        if self.rtcp_opener.is_none() {
+            let Some(exported) = self.keys.get() else {
+                return;
+            };
+            let provider = dtls::crypto_provider().srtp_provider;
+            self.rtcp_opener = Some(srtp::Opener::new(exported, provider));
+        }
+        let Some(Some(opener)) = &mut self.rtcp_opener else {
             return;
         };
         if !opener.open(datagram, &mut self.rtcp) {
+            return;
+        }
+        if let Some(ingress) = ingress {
+            ingress.read_sender_reports(&self.rtcp, now);
+        }
+        if !want_nacks {
             return;
         }
         let rtx = &self.rtx;
@@ -789,7 +814,7 @@ impl Peer {
                 _ => None,
             });
             if let Some(mid) = mid {
-                out.push((mid, seq));
+                nacks.push((mid, seq));
             }
         });
     }
@@ -809,7 +834,7 @@ impl Peer {
             return false;
         };
         let index = *next;
-        let Some((sealer, _)) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
+        let Some(sealer) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
             return false;
         };
         let head = out.len();
@@ -847,7 +872,7 @@ impl Peer {
         payload: &[u8],
         fan_out: usize,
     ) -> bool {
-        let Some((sealer, _)) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
+        let Some(sealer) = self.sealer.as_mut().and_then(|s| s.as_mut()) else {
             return false;
         };
         let head = out.len();

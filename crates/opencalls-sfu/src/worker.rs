@@ -623,7 +623,9 @@ impl Worker {
             return;
         };
         let result = catch_unwind(AssertUnwindSafe(|| {
-            session.peer.handle_receive(now, source, destination, data)
+            session
+                .peer
+                .handle_receive(now, source, destination, data, &mut self.nacks)
         }));
         match result {
             Ok(Ok(Received::Str0m)) => {}
@@ -646,13 +648,10 @@ impl Worker {
                 return;
             }
         }
-        if session.send_path.is_some() {
-            // NACKs on m-lines whose retransmissions are ours (video on the egress path;
-            // str0m answers the others from its own buffer).
-            session.peer.read_nacks(data, &mut self.nacks);
-            if !self.nacks.is_empty() {
-                self.answer_nacks(key);
-            }
+        // NACKs on m-lines whose retransmissions are ours (video on the egress path; str0m
+        // answers the others from its own buffer).
+        if session.send_path.is_some() && !self.nacks.is_empty() {
+            self.answer_nacks(key);
         }
         self.drain(key);
     }

@@ -33,7 +33,7 @@ use str0m::media::{Mid, Rid};
 use str0m::rtp::{AbsCaptureTime, Extension, ExtensionValues, Ssrc, VideoOrientation};
 use str0m::Rtc;
 
-use super::srtp::{Exported, Opener, RtcpSealer, RtpOpener, TAG};
+use super::srtp::{Exported, RtcpSealer, RtpOpener, TAG};
 use super::{CodecSpec, RtpIn};
 
 /// How often transport-cc feedback goes out while packets arrive (str0m's interval, which
@@ -52,6 +52,10 @@ const NACK_MAX_MISSING: usize = 256;
 /// Arrivals kept for transport-cc feedback before the oldest are reported (or, past a jump,
 /// dropped).
 const TWCC_MAX_PENDING: u64 = 8192;
+/// Numbers kept after they were reported, so that a packet arriving after the report that
+/// called it lost is reported again (libwebrtc keeps 500 ms; this is ~250 ms at 1,000
+/// packets a second).
+const TWCC_HISTORY: u64 = 256;
 /// SSRCs one remote may have here (each authenticated first). Chrome uses two per m-line,
 /// four per simulcast layer pair.
 const MAX_REMOTE_SSRCS: usize = 256;
@@ -485,14 +489,22 @@ impl Reception {
     }
 }
 
-/// Arrivals waiting for transport-cc feedback.
+/// Arrivals waiting for transport-cc feedback, and the last numbers reported.
+///
+/// A packet that arrives after a report called it lost is reported again, as libwebrtc's
+/// receivers do: the next report starts at its number (and repeats the arrivals after it
+/// that were reported already), so the sender does not count a reordered packet as lost.
 #[derive(Debug)]
 struct TwccFeedback {
     /// Transport-wide number of `arrivals[0]`, extended.
     base: u64,
+    /// Where the next report starts, extended: numbers below it were reported, and are
+    /// kept (up to [`TWCC_HISTORY`]) for late arrivals.
+    next: u64,
     /// Highest number recorded, extended.
     last: Option<u64>,
     arrivals: VecDeque<Option<Instant>>,
+    /// Arrivals at `next` or after: what the next report carries.
     received: usize,
     /// Zero of the reference time (the first arrival).
     epoch: Option<Instant>,
@@ -508,6 +520,7 @@ impl TwccFeedback {
     fn new(now: Instant) -> TwccFeedback {
         TwccFeedback {
             base: 0,
+            next: 0,
             last: None,
             arrivals: VecDeque::new(),
             received: 0,
@@ -531,16 +544,18 @@ impl TwccFeedback {
         if self.last.is_none() {
             self.epoch = Some(now);
             self.base = ext;
+            self.next = ext;
         }
         if ext < self.base {
-            // Reported as lost already (reordered past a report).
+            // Older than the numbers kept: too late to matter to the sender.
             return;
         }
-        if ext - self.base >= TWCC_MAX_PENDING {
+        if ext >= self.next && ext - self.next >= TWCC_MAX_PENDING {
             // A jump: what waits is dropped rather than reported as thousands lost.
             self.arrivals.clear();
             self.received = 0;
             self.base = ext;
+            self.next = ext;
         }
         let at = (ext - self.base) as usize;
         if at >= self.arrivals.len() {
@@ -548,7 +563,14 @@ impl TwccFeedback {
         }
         if self.arrivals[at].is_none() {
             self.arrivals[at] = Some(now);
-            self.received += 1;
+            if ext >= self.next {
+                self.received += 1;
+            } else {
+                // Reported lost already: report again from here.
+                let from = (self.next - self.base) as usize;
+                self.received += 1 + self.arrivals.range(at + 1..from).flatten().count();
+                self.next = ext;
+            }
         }
         self.last = Some(self.last.map_or(ext, |l| l.max(ext)));
     }
@@ -567,14 +589,19 @@ impl TwccFeedback {
         let mut packets = 0;
         let ticks = |t: Instant| (t.saturating_duration_since(epoch).as_micros() / TICK_US) as i64;
         while self.received > 0 {
+            let from = (self.next - self.base) as usize;
             // A long run of losses before the next arrival would not fit one report: the
             // oldest of them go unreported (the sender times them out).
-            let lost = self.arrivals.iter().take_while(|a| a.is_none()).count();
+            let lost = self
+                .arrivals
+                .range(from..)
+                .take_while(|a| a.is_none())
+                .count();
             if lost > 1000 {
-                self.arrivals.drain(..lost);
-                self.base += lost as u64;
+                self.next += lost as u64;
+                continue;
             }
-            let Some(first) = self.arrivals.iter().flatten().next().copied() else {
+            let Some(first) = self.arrivals.range(from..).flatten().next().copied() else {
                 return packets;
             };
             let reference = ticks(first) / REF_TICKS;
@@ -585,7 +612,7 @@ impl TwccFeedback {
             let mut reported = 0;
             // Up to the last received arrival: the numbers after it may still come.
             let mut remaining = self.received;
-            for a in &self.arrivals {
+            for a in self.arrivals.range(from..) {
                 if remaining == 0 || statuses.len() == 0xffff {
                     break;
                 }
@@ -622,7 +649,7 @@ impl TwccFeedback {
             out.extend_from_slice(&[0x80 | FMT_TWCC, PT_RTPFB, 0, 0]);
             out.extend_from_slice(&sender.to_be_bytes());
             out.extend_from_slice(&media.to_be_bytes());
-            out.extend_from_slice(&(self.base as u16).to_be_bytes());
+            out.extend_from_slice(&(self.next as u16).to_be_bytes());
             out.extend_from_slice(&(statuses.len() as u16).to_be_bytes());
             out.extend_from_slice(&((reference as u32) & 0x00ff_ffff).to_be_bytes()[1..]);
             out.push(self.count);
@@ -637,11 +664,14 @@ impl TwccFeedback {
             }
             out.extend_from_slice(&deltas);
             pad_rtcp(out, start);
-            self.arrivals.drain(..taken);
-            self.base += taken as u64;
+            self.next += taken as u64;
             self.received -= reported;
             packets += 1;
         }
+        // Keep the last TWCC_HISTORY numbers reported, for late arrivals.
+        let kept = (self.next - self.base).saturating_sub(TWCC_HISTORY) as usize;
+        self.arrivals.drain(..kept.min(self.arrivals.len()));
+        self.base += kept as u64;
         packets
     }
 }
@@ -716,9 +746,6 @@ pub(crate) struct Ingress {
     reporting: bool,
     /// Zero of the arrival times in RTP ticks (jitter).
     epoch: Instant,
-    /// The remote's SRTCP keys, to read its sender reports (str0m reads its own copy).
-    sr_opener: Opener,
-    rtcp_scratch: Vec<u8>,
     indexes: Vec<u64>,
     /// Sealed SRTCP waiting for `Peer::poll`.
     out: VecDeque<Vec<u8>>,
@@ -734,6 +761,12 @@ impl std::fmt::Debug for Ingress {
             .field("remotes", &self.remotes.len())
             .finish()
     }
+}
+
+/// Whether an SRTCP datagram starts with a sender report (its first header is in the
+/// clear): the only ones the receive path needs opened.
+pub(crate) fn starts_with_sender_report(datagram: &[u8]) -> bool {
+    datagram.len() >= 8 && datagram[1] == PT_SR
 }
 
 impl Ingress {
@@ -758,8 +791,6 @@ impl Ingress {
             last_rr: now,
             reporting: false,
             epoch: now,
-            sr_opener: Opener::new(exported, provider)?,
-            rtcp_scratch: Vec::new(),
             indexes: Vec::new(),
             out: VecDeque::new(),
             touched_str0m: false,
@@ -781,18 +812,11 @@ impl Ingress {
             .min()
     }
 
-    /// Reads the sender reports in an SRTCP datagram the remote sent (str0m gets the
-    /// datagram as usual): their times go into the receiver reports' LSR and DLSR. Only a
-    /// compound packet that starts with a sender report is opened (its first header is in
-    /// the clear).
-    pub fn read_sender_reports(&mut self, datagram: &[u8], now: Instant) {
-        if datagram.len() < 8 || datagram[1] != PT_SR {
-            return;
-        }
-        if !self.sr_opener.open(datagram, &mut self.rtcp_scratch) {
-            return;
-        }
-        for packet in super::feedback::packets(&self.rtcp_scratch) {
+    /// Reads the sender reports in a compound RTCP packet the remote sent (opened from its
+    /// SRTCP by the peer; str0m gets the datagram as usual): their times go into the
+    /// receiver reports' LSR and DLSR.
+    pub fn read_sender_reports(&mut self, rtcp: &[u8], now: Instant) {
+        for packet in super::feedback::packets(rtcp) {
             if packet[1] == PT_SR && packet.len() >= 20 {
                 let ssrc = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
                 // The middle 32 bits of the 64-bit NTP time.
@@ -1430,18 +1454,27 @@ mod tests {
         );
         assert_eq!(u32::from_be_bytes(out[4..8].try_into().unwrap()), 9);
         assert_eq!(f.due(), None, "everything reported");
-        // A packet reported lost that comes late is not reported again; the next report
-        // starts after the last one, with the next feedback count.
+        // A packet reported lost that comes late is reported again, as libwebrtc's
+        // receivers do: the next report starts at its number and repeats the arrivals
+        // reported since, with the next feedback count.
         f.record(0, t0 + ms(130));
         f.record(5, t0 + ms(200));
         let mut out = Vec::new();
-        f.report(9, 5, t0 + ms(220), &mut out);
+        assert_eq!(f.report(9, 5, t0 + ms(220), &mut out), 1);
         let (base, reference, count, arrivals) = decode_twcc(&out);
-        assert_eq!((base, reference, count), (4, 3, 1));
-        // 200 ms is 3 * 64 ms + 8 ms: 32 ticks after the reference.
-        assert_eq!(arrivals, vec![None, Some(32)]);
+        // 130 ms is 2 * 64 ms + 2 ms: the reference is 2, 0 arrived 8 ticks after it, the
+        // others before it (negative deltas), 5 at 200 ms.
+        assert_eq!((base, reference, count), (0, 2, 1));
+        assert_eq!(
+            arrivals,
+            vec![Some(8), None, Some(-112), Some(-504), None, Some(288)]
+        );
+        assert_eq!(f.due(), None, "everything reported");
+        // A duplicate of a number reported as received changes nothing.
+        f.record(2, t0 + ms(230));
+        assert_eq!(f.due(), None);
         // Many arrivals: split into packets that each fit a datagram.
-        for i in 0..3000u16 {
+        for i in (0..3000u16).filter(|i| *i != 2899) {
             f.record(
                 6 + i,
                 t0 + ms(300) + Duration::from_micros(u64::from(i) * 100),
@@ -1458,6 +1491,17 @@ mod tests {
             rest = &rest[len..];
         }
         assert_eq!(total, 3000);
+        // Only the last TWCC_HISTORY numbers reported are kept for late arrivals: 4 (lost
+        // long ago) is not reported again, 2905 (lost 100 numbers before the last) is.
+        f.record(4, t0 + ms(710));
+        assert_eq!(f.due(), None, "too late");
+        f.record(2905, t0 + ms(730));
+        let mut out = Vec::new();
+        assert_eq!(f.report(9, 5, t0 + ms(800), &mut out), 1);
+        let arrivals = decode_twcc(&out).3;
+        assert_eq!(decode_twcc(&out).0, 2905, "from the late number");
+        assert_eq!(arrivals.len(), 101, "2905 to 3005");
+        assert!(arrivals.iter().all(Option::is_some));
     }
 
     #[test]
