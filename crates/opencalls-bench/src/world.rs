@@ -71,7 +71,9 @@ impl Scenario {
                 &[25, 50, 100, 200, 300, 400, 500, 600, 800, 1000, 1200, 1500]
             }
             (Scenario::Meeting, true) => &[3, 5],
-            (Scenario::Meeting, false) => &[4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40, 44],
+            (Scenario::Meeting, false) => {
+                &[4, 6, 8, 10, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56]
+            }
             // Joins per second.
             (Scenario::JoinStorm, true) => &[20],
             (Scenario::JoinStorm, false) => &[10, 25, 50, 100, 200],
