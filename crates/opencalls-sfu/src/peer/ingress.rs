@@ -306,8 +306,13 @@ enum Role {
     Unknown,
     /// A media stream of m-line `mid`.
     Media(Box<MediaStream>),
-    /// Retransmissions (RFC 4588) of stream `primary`.
-    Repair { primary: u32 },
+    /// Retransmissions (RFC 4588) of stream `primary`. They have a receiver report block
+    /// of their own, as libwebrtc's receivers give their RTX SSRCs (a libwebrtc sender
+    /// stops naming the stream in its RTX packets' extensions once one reports it).
+    Repair {
+        primary: u32,
+        reception: Box<Reception>,
+    },
 }
 
 #[derive(Debug)]
@@ -763,6 +768,14 @@ impl std::fmt::Debug for Ingress {
     }
 }
 
+/// `now` in RTP ticks of `codec`'s clock (90 kHz if unknown) since `epoch`, wrapping: the
+/// arrival times that interarrival jitter compares.
+fn rtp_ticks(epoch: Instant, now: Instant, codec: Option<CodecSpec>) -> u32 {
+    let rate = codec.map_or(90_000, |c| u128::from(c.clock_rate.get()));
+    let since = now.saturating_duration_since(epoch).as_nanos();
+    (since * rate / 1_000_000_000) as u32
+}
+
 /// Whether an SRTCP datagram starts with a sender report (its first header is in the
 /// clear): the only ones the receive path needs opened.
 pub(crate) fn starts_with_sender_report(datagram: &[u8]) -> bool {
@@ -920,7 +933,10 @@ impl Ingress {
                         role: Role::Unknown,
                     });
                     if matches!(r.role, Role::Unknown) {
-                        r.role = Role::Repair { primary: h.ssrc };
+                        r.role = Role::Repair {
+                            primary: h.ssrc,
+                            reception: Box::default(),
+                        };
                     }
                 }
             }
@@ -928,27 +944,33 @@ impl Ingress {
                 r.role = role;
             }
         }
-        let (primary, index, payload, codec) = match (&self.remotes[&h.ssrc].role, info) {
-            (Role::Media(_), PtInfo::Media { codec, .. }) => (h.ssrc, index, 0..len, codec),
-            (Role::Repair { primary }, PtInfo::Repair { of }) => {
-                // RFC 4588 §4: the original sequence number, then the original payload.
-                if len < 2 {
-                    return Verdict::Kept;
-                }
-                let osn = u16::from_be_bytes([plain[0], plain[1]]);
-                let Some(p) = self.remotes.get(primary) else {
-                    return Verdict::Kept;
-                };
-                let Some(original) = p.window.index(osn) else {
-                    return Verdict::Kept;
-                };
+        let role = self.remotes.get_mut(&h.ssrc).map(|r| &mut r.role);
+        let (primary, index, payload, codec) = match (role, info) {
+            (Some(Role::Media(_)), PtInfo::Media { codec, .. }) => (h.ssrc, index, 0..len, codec),
+            (Some(Role::Repair { primary, reception }), PtInfo::Repair { of }) => {
                 // The repaired stream's payload type was seen (and looked up) before the
                 // repair could be placed.
                 let codec = match self.pts.get(&of) {
                     Some(PtInfo::Media { codec, .. }) => *codec,
                     _ => None,
                 };
-                (*primary, original, 2..len, codec)
+                // Every packet on the RTX SSRC counts in its report block, padding too.
+                let arrival = rtp_ticks(self.epoch, now, codec);
+                reception.arrived(index, h.rtp_time, arrival);
+                self.reporting = true;
+                let primary = *primary;
+                // RFC 4588 §4: the original sequence number, then the original payload.
+                if len < 2 {
+                    return Verdict::Kept;
+                }
+                let osn = u16::from_be_bytes([plain[0], plain[1]]);
+                let Some(p) = self.remotes.get(&primary) else {
+                    return Verdict::Kept;
+                };
+                let Some(original) = p.window.index(osn) else {
+                    return Verdict::Kept;
+                };
+                (primary, original, 2..len, codec)
             }
             _ => return Verdict::Kept,
         };
@@ -965,9 +987,7 @@ impl Ingress {
         if primary != h.ssrc {
             self.counts.rtx += 1;
         } else {
-            let rate = codec.map_or(90_000, |c| u128::from(c.clock_rate.get()));
-            let since = now.saturating_duration_since(self.epoch).as_nanos();
-            let arrival = (since * rate / 1_000_000_000) as u32;
+            let arrival = rtp_ticks(self.epoch, now, codec);
             media.reception.arrived(index, h.rtp_time, arrival);
             self.reporting = true;
         }
@@ -1059,9 +1079,12 @@ impl Ingress {
     fn write_receiver_reports(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
         let mut blocks = Vec::new();
         for (ssrc, remote) in &mut self.remotes {
-            if let Role::Media(m) = &mut remote.role {
-                m.reception.write_block(*ssrc, now, &mut blocks);
-            }
+            let reception = match &mut remote.role {
+                Role::Media(m) => &mut m.reception,
+                Role::Repair { reception, .. } => reception,
+                Role::Unknown => continue,
+            };
+            reception.write_block(*ssrc, now, &mut blocks);
         }
         for chunk in blocks.chunks(31 * 24) {
             let start = out.len();
@@ -1160,7 +1183,10 @@ fn resolve(
                 return (Role::Unknown, None);
             }
             api.expect_stream_rx(Ssrc::from(primary), Some(Ssrc::from(ssrc)), mid, rid);
-            Role::Repair { primary }
+            Role::Repair {
+                primary,
+                reception: Box::default(),
+            }
         }
         PtInfo::Unknown => Role::Unknown,
     };
@@ -1380,6 +1406,58 @@ mod tests {
         // Nothing since: no block (a stream that stopped drops out of the reports).
         assert!(!r.write_block(7, t0, &mut out));
         assert_eq!(out.len(), 24);
+    }
+
+    #[test]
+    fn receiver_reports_have_a_block_for_each_media_and_rtx_ssrc_heard_from() {
+        let t0 = Instant::now();
+        let exported = Exported {
+            material: (0..2 * (16 + 12) as u8).collect(),
+            profile: dimpl::SrtpProfile::AEAD_AES_128_GCM,
+            active: false,
+        };
+        let provider = super::super::dtls::crypto_provider().srtp_provider;
+        let mut ingress = Ingress::new(&exported, provider, t0).expect("GCM");
+        let remote = |role| Remote {
+            window: Window::default(),
+            role,
+        };
+        let mut media = MediaStream {
+            mid: Mid::from("0"),
+            rid: None,
+            reception: Reception::default(),
+            delivered: Window::default(),
+            nacks: None,
+        };
+        media.reception.arrived(10, 0, 0);
+        let mut repairs = Reception::default();
+        repairs.arrived(500, 0, 0);
+        repairs.arrived(502, 0, 0);
+        ingress
+            .remotes
+            .insert(1, remote(Role::Media(Box::new(media))));
+        ingress.remotes.insert(
+            2,
+            remote(Role::Repair {
+                primary: 1,
+                reception: Box::new(repairs),
+            }),
+        );
+        ingress.remotes.insert(3, remote(Role::Unknown));
+        let mut out = Vec::new();
+        assert!(ingress.write_receiver_reports(t0, &mut out));
+        assert_eq!((out[0] & 0x1f, out[1]), (2, PT_RR), "two blocks");
+        assert_eq!(
+            u32::from_be_bytes(out[4..8].try_into().unwrap()),
+            ingress.ssrc
+        );
+        let mut blocks: Vec<(u32, u8)> = out[8..]
+            .chunks(24)
+            .map(|b| (u32::from_be_bytes(b[0..4].try_into().unwrap()), b[4]))
+            .collect();
+        blocks.sort();
+        // The RTX stream lost 501 of 500..=502: a third, in 256ths.
+        assert_eq!(blocks, vec![(1, 0), (2, 85)]);
     }
 
     /// Decodes a transport-cc feedback packet: base, reference time, fb count, and per
