@@ -25,6 +25,7 @@
 //! packet authenticates.
 
 use std::collections::VecDeque;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -508,7 +509,10 @@ struct TwccFeedback {
     next: u64,
     /// Highest number recorded, extended.
     last: Option<u64>,
-    arrivals: VecDeque<Option<Instant>>,
+    /// Each number's arrival in 250 µs ticks since `epoch` (transport-cc's delta unit),
+    /// plus one (0: not received), wrapping at 2^32 ticks (12 days) as the 24-bit reference
+    /// time of 64 ms does.
+    arrivals: VecDeque<Option<NonZeroU32>>,
     /// Arrivals at `next` or after: what the next report carries.
     received: usize,
     /// Zero of the reference time (the first arrival).
@@ -519,7 +523,7 @@ struct TwccFeedback {
 
 /// Transport-cc's delta unit, 250 µs, and reference time unit, 64 ms (= 256 deltas).
 const TICK_US: u128 = 250;
-const REF_TICKS: i64 = 256;
+const REF_TICKS: u32 = 256;
 
 impl TwccFeedback {
     fn new(now: Instant) -> TwccFeedback {
@@ -567,7 +571,10 @@ impl TwccFeedback {
             self.arrivals.resize(at + 1, None);
         }
         if self.arrivals[at].is_none() {
-            self.arrivals[at] = Some(now);
+            let epoch = *self.epoch.get_or_insert(now);
+            let ticks = (now.saturating_duration_since(epoch).as_micros() / TICK_US) as u32;
+            let stored = NonZeroU32::new(ticks.wrapping_add(1)).unwrap_or(NonZeroU32::MIN);
+            self.arrivals[at] = Some(stored);
             if ext >= self.next {
                 self.received += 1;
             } else {
@@ -588,11 +595,7 @@ impl TwccFeedback {
     /// Appends feedback packets for everything up to the last arrival recorded; how many.
     fn report(&mut self, sender: u32, media: u32, now: Instant, out: &mut Vec<u8>) -> u64 {
         self.last_report = now;
-        let Some(epoch) = self.epoch else {
-            return 0;
-        };
         let mut packets = 0;
-        let ticks = |t: Instant| (t.saturating_duration_since(epoch).as_micros() / TICK_US) as i64;
         while self.received > 0 {
             let from = (self.next - self.base) as usize;
             // A long run of losses before the next arrival would not fit one report: the
@@ -606,11 +609,11 @@ impl TwccFeedback {
                 self.next += lost as u64;
                 continue;
             }
-            let Some(first) = self.arrivals.range(from..).flatten().next().copied() else {
+            let Some(first) = self.arrivals.range(from..).flatten().next() else {
                 return packets;
             };
-            let reference = ticks(first) / REF_TICKS;
-            let mut prev = reference * REF_TICKS;
+            let reference = first.get().wrapping_sub(1) / REF_TICKS;
+            let mut prev = reference.wrapping_mul(REF_TICKS);
             let mut statuses: Vec<u8> = Vec::new();
             let mut deltas: Vec<u8> = Vec::new();
             let mut taken = 0;
@@ -627,7 +630,8 @@ impl TwccFeedback {
                 match a {
                     None => statuses.push(0),
                     Some(t) => {
-                        let d = ticks(*t) - prev;
+                        let t = t.get().wrapping_sub(1);
+                        let d = i64::from(t.wrapping_sub(prev) as i32);
                         if (0..=255).contains(&d) {
                             statuses.push(1);
                             deltas.push(d as u8);
@@ -638,7 +642,7 @@ impl TwccFeedback {
                             // Too far from the previous: starts the next report.
                             break;
                         }
-                        prev = ticks(*t);
+                        prev = t;
                         remaining -= 1;
                         reported += 1;
                     }
@@ -656,7 +660,7 @@ impl TwccFeedback {
             out.extend_from_slice(&media.to_be_bytes());
             out.extend_from_slice(&(self.next as u16).to_be_bytes());
             out.extend_from_slice(&(statuses.len() as u16).to_be_bytes());
-            out.extend_from_slice(&((reference as u32) & 0x00ff_ffff).to_be_bytes()[1..]);
+            out.extend_from_slice(&(reference & 0x00ff_ffff).to_be_bytes()[1..]);
             out.push(self.count);
             self.count = self.count.wrapping_add(1);
             // Two-bit status vector chunks, seven statuses each.
@@ -1580,6 +1584,27 @@ mod tests {
         assert_eq!(decode_twcc(&out).0, 2905, "from the late number");
         assert_eq!(arrivals.len(), 101, "2905 to 3005");
         assert!(arrivals.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn transport_cc_arrival_times_wrap_with_the_reference_time() {
+        // 2^32 ticks of 250 µs (~12.4 days) after the first packet the stored times wrap,
+        // as the 24-bit reference time (2^24 units of 64 ms) does: deltas stay right.
+        let t0 = Instant::now();
+        let tick = Duration::from_micros(250);
+        let mut f = TwccFeedback::new(t0);
+        f.record(1, t0);
+        let mut out = Vec::new();
+        f.report(9, 5, t0, &mut out);
+        let late = t0 + tick * (u32::MAX - 1);
+        f.record(2, late);
+        f.record(3, late + tick * 3);
+        let mut out = Vec::new();
+        assert_eq!(f.report(9, 5, late + tick * 4, &mut out), 1);
+        let (base, reference, _, arrivals) = decode_twcc(&out);
+        assert_eq!((base, reference), (2, 0x00ff_ffff));
+        // u32::MAX - 1 is 254 ticks past the last reference; the next arrival is 3 later.
+        assert_eq!(arrivals, vec![Some(254), Some(257)]);
     }
 
     #[test]
