@@ -11,11 +11,13 @@
 //! did for it:
 //! - authenticates and decrypts (RFC 7714), with a replay window per SSRC (RFC 3711 §3.3.2);
 //! - records every arrival and sends transport-cc feedback (draft-holmer-rmcat-transport-
-//!   wide-cc-extensions-01) every [`TWCC_INTERVAL`];
+//!   wide-cc-extensions-01) every [`TWCC_INTERVAL`], reporting a late packet again as
+//!   libwebrtc's receivers do;
 //! - NACKs the gaps of NACK-able streams (RFC 4585 §6.2.1) and unwraps retransmissions
 //!   (RFC 4588) into the stream they repair;
-//! - sends receiver reports (RFC 3550 §6.4.2) with a block per stream: loss, jitter, and the
-//!   last sender report's time (read from a copy of the publisher's SRTCP) for its RTT;
+//! - sends receiver reports (RFC 3550 §6.4.2) with a block per stream and per RTX stream:
+//!   loss, jitter, and the last sender report's time (read from a copy of the publisher's
+//!   SRTCP, opened by the peer) for its RTT;
 //! - learns each SSRC's m-line and simulcast layer from str0m's streams (SSRCs the SDP named)
 //!   or the MID / RID / repaired-RID header extensions, and declares what it learns to str0m
 //!   (`expect_stream_rx`), so keyframe requests and the publisher's RTCP stay str0m's.
