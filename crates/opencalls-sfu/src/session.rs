@@ -2,7 +2,9 @@
 //!
 //! Pure bookkeeping; the owning [`crate::worker`] does I/O and routing between sessions.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::time::Instant;
 
 use rustc_hash::FxHashMap;
@@ -120,6 +122,10 @@ impl Subscription {
     }
 }
 
+/// A subscription, owned by its session and by the fan-out of the track it pulls. Only the
+/// worker's thread ever touches it.
+pub(crate) type SharedSubscription = Rc<RefCell<Subscription>>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TrackSlot {
     Published(Mid),
@@ -130,7 +136,9 @@ pub(crate) enum TrackSlot {
 pub(crate) struct Session {
     pub peer: Peer,
     pub publications: FxHashMap<Mid, Publication>,
-    pub subscriptions: FxHashMap<Mid, Subscription>,
+    /// Shared with the fan-out of the track each one pulls (`Worker::deliver`), which
+    /// reaches a subscriber's state through its own handle, without this map.
+    pub subscriptions: FxHashMap<Mid, SharedSubscription>,
     /// Every track in creation order (closed ones too: GET lists them as inactive).
     pub order: Vec<TrackSlot>,
     /// Pulls waiting for the answer to our offer.
@@ -293,12 +301,15 @@ impl Session {
                     source_session_id: None,
                     active: p.open,
                 }),
-                TrackSlot::Pulled(mid) => self.subscriptions.get(mid).map(|s| TrackState {
-                    local: false,
-                    mid: mid.to_string(),
-                    track_name: s.track_name.clone(),
-                    source_session_id: Some(s.source_session_id.clone()),
-                    active: s.open,
+                TrackSlot::Pulled(mid) => self.subscriptions.get(mid).map(|s| {
+                    let s = s.borrow();
+                    TrackState {
+                        local: false,
+                        mid: mid.to_string(),
+                        track_name: s.track_name.clone(),
+                        source_session_id: Some(s.source_session_id.clone()),
+                        active: s.open,
+                    }
                 }),
             })
             .collect()

@@ -13,10 +13,12 @@
 //! Invariant: no code path here visits every session per packet; only the housekeeping
 //! tick (twice a second) walks all sessions of one worker.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,7 +37,7 @@ use crate::peer::{
     CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
     PeerOutput, Received, Rid, RtpRef,
 };
-use crate::session::{LineRun, Publication, Session, Subscription, TrackSlot};
+use crate::session::{LineRun, Publication, Session, SharedSubscription, Subscription, TrackSlot};
 use crate::stun;
 use crate::timers::Timers;
 
@@ -315,7 +317,9 @@ enum Delivered {
 /// (for their retransmissions).
 #[derive(Default)]
 struct Fanout {
-    subs: Vec<(SessionKey, Mid)>,
+    /// Each subscriber's session, m-line and state (the same `Rc` as in its session's
+    /// map: the fan-out reads it without looking it up there).
+    subs: Vec<(SessionKey, Mid, SharedSubscription)>,
     recent: Recent,
 }
 
@@ -666,9 +670,11 @@ impl Worker {
             .egress_nacked
             .fetch_add(nacks.len() as u64, Ordering::Relaxed);
         for &(mid, seq) in &nacks {
-            let Some(sub) = s.subscriptions.get_mut(&mid) else {
+            let Some(sub) = s.subscriptions.get(&mid) else {
                 continue;
             };
+            let mut guard = sub.borrow_mut();
+            let sub = &mut *guard;
             let Some((_, Some(stream))) = &sub.egress else {
                 continue;
             };
@@ -840,6 +846,7 @@ impl Worker {
                 let wanted: Vec<(TrackKey, Option<Rid>, WorkerIndex)> = s
                     .subscriptions
                     .values()
+                    .map(|sub| sub.borrow())
                     .filter(|sub| sub.open)
                     .map(|sub| (sub.source, sub.layer, sub.source_worker))
                     .collect();
@@ -896,8 +903,13 @@ impl Worker {
                 let Some(s) = self.sessions.get(&key) else {
                     return;
                 };
-                if let Some(sub) = s.subscriptions.get(&mid).filter(|sub| sub.open) {
-                    let (track, rid, w) = (sub.source, sub.layer, sub.source_worker);
+                let wanted = s
+                    .subscriptions
+                    .get(&mid)
+                    .map(|sub| sub.borrow())
+                    .filter(|sub| sub.open)
+                    .map(|sub| (sub.source, sub.layer, sub.source_worker));
+                if let Some((track, rid, w)) = wanted {
                     self.request_keyframe(track, rid, w);
                 }
             }
@@ -943,11 +955,16 @@ impl Worker {
         let mut evicted = recent.touch_evicted(packets.len());
         for chunk in subs.chunks(READ_AHEAD) {
             self.read_ahead(chunk, std::mem::take(&mut evicted));
-            for &(key, mid) in chunk {
+            for (key, mid, sub) in chunk {
+                let (key, mid) = (*key, *mid);
                 let mut from = 0;
                 while from < packets.len() {
                     let rest = (&packets[from..], &mut kept[from..]);
-                    match self.deliver_to(key, mid, rest, &mut recent, subs.len(), now) {
+                    let delivered = {
+                        let sub = &mut sub.borrow_mut();
+                        self.deliver_to(key, mid, sub, rest, &mut recent, subs.len(), now)
+                    };
+                    match delivered {
                         Delivered::All => break,
                         Delivered::ThroughStr0m(i) => {
                             // A packet written through str0m on the egress path leaves now,
@@ -972,18 +989,16 @@ impl Worker {
     }
 
     /// Reads the state [`Worker::deliver_to`] will use for each of `subs`, so that it is in
-    /// cache when their packets are sealed. Each subscriber's state lies behind a chain of
-    /// lookups (session, then subscription) that misses the cache at every link at fan-out
-    /// sizes; met one subscriber at a time, each chain stalls the fan-out in turn, while the
-    /// chains of a few subscribers read back to back here are independent and overlap.
+    /// cache when their packets are sealed. A subscriber's session lies behind a hashed
+    /// lookup that misses the cache at fan-out sizes (its subscription does not: the fan-out
+    /// holds it); met one subscriber at a time, each miss stalls the fan-out in turn, while
+    /// the reads of a few subscribers back to back here are independent and overlap.
     /// `folded` carries other such reads (`Recent::touch_evicted`) to the same sink.
-    fn read_ahead(&self, subs: &[(SessionKey, Mid)], mut folded: u64) {
-        for (key, mid) in subs {
+    fn read_ahead(&self, subs: &[(SessionKey, Mid, SharedSubscription)], mut folded: u64) {
+        for (key, _, sub) in subs {
+            folded ^= sub.borrow().touch();
             if let Some(s) = self.sessions.get(key) {
                 folded ^= s.touch();
-                if let Some(sub) = s.subscriptions.get(mid) {
-                    folded ^= sub.touch();
-                }
             }
         }
         // The value means nothing; it keeps the compiler from dropping the loads.
@@ -993,19 +1008,18 @@ impl Worker {
     /// Forwards `packets` to one subscription, sealing beside str0m where it can; stops
     /// after a packet written through str0m that must leave before the next is sealed.
     /// `fan_out`: the track's subscribers on this worker.
+    #[allow(clippy::too_many_arguments)]
     fn deliver_to(
         &mut self,
         key: SessionKey,
         mid: Mid,
+        sub: &mut Subscription,
         (packets, kept): (&[Pending], &mut [Option<u64>]),
         recent: &mut Recent,
         fan_out: usize,
         now: Instant,
     ) -> Delivered {
         let Some(s) = self.sessions.get_mut(&key) else {
-            return Delivered::All;
-        };
-        let Some(sub) = s.subscriptions.get_mut(&mid) else {
             return Delivered::All;
         };
         for (i, (_, packet)) in packets.iter().enumerate() {
@@ -1213,14 +1227,8 @@ impl Worker {
     /// Our subscribers of `track` lose their source.
     fn source_gone(&mut self, track: TrackKey) {
         let subs = self.subscribers.remove(&track).map(|f| f.subs);
-        for (key, mid) in subs.unwrap_or_default() {
-            if let Some(sub) = self
-                .sessions
-                .get_mut(&key)
-                .and_then(|s| s.subscriptions.get_mut(&mid))
-            {
-                sub.open = false;
-            }
+        for (_, _, sub) in subs.unwrap_or_default() {
+            sub.borrow_mut().open = false;
         }
     }
 
@@ -1247,16 +1255,18 @@ impl Worker {
     fn unsubscribe(&mut self, key: SessionKey, mid: Mid) -> bool {
         let Some(sub) = self
             .sessions
-            .get_mut(&key)
-            .and_then(|s| s.subscriptions.get_mut(&mid))
+            .get(&key)
+            .and_then(|s| s.subscriptions.get(&mid))
         else {
             return false;
         };
+        let mut sub = sub.borrow_mut();
         if !sub.open {
             return false;
         }
         sub.open = false;
         let (track, source_worker) = (sub.source, sub.source_worker);
+        drop(sub);
         self.unlink_subscriber(track, key, mid);
         self.tell(
             source_worker,
@@ -1270,18 +1280,26 @@ impl Worker {
 
     /// Adds subscription `(key, mid)` to `track`'s fan-out on this worker.
     fn link_subscriber(&mut self, track: TrackKey, key: SessionKey, mid: Mid) {
+        let Some(sub) = self
+            .sessions
+            .get(&key)
+            .and_then(|s| s.subscriptions.get(&mid))
+        else {
+            return;
+        };
+        let sub = Rc::clone(sub);
         self.subscribers
             .entry(track)
             .or_default()
             .subs
-            .push((key, mid));
+            .push((key, mid, sub));
     }
 
     /// Takes subscription `(key, mid)` off `track`'s fan-out; the fan-out (and the payloads
     /// it kept) goes with its last subscriber.
     fn unlink_subscriber(&mut self, track: TrackKey, key: SessionKey, mid: Mid) {
         if let Some(fanout) = self.subscribers.get_mut(&track) {
-            fanout.subs.retain(|e| *e != (key, mid));
+            fanout.subs.retain(|(k, m, _)| (*k, *m) != (key, mid));
             if fanout.subs.is_empty() {
                 self.subscribers.remove(&track);
             }
@@ -1291,10 +1309,11 @@ impl Worker {
     /// Re-points a pulled m-line and/or changes its simulcast layer (`tracks/update`).
     fn update(&mut self, key: SessionKey, item: UpdateItem) -> Result<Updated, ItemError> {
         let mid = Mid::from(item.mid.as_str());
-        let s = self.sessions.get_mut(&key).ok_or(ItemError::Internal)?;
-        let sub = s
-            .subscriptions
-            .get_mut(&mid)
+        let s = self.sessions.get(&key).ok_or(ItemError::Internal)?;
+        let shared = s.subscriptions.get(&mid).map(Rc::clone);
+        let mut sub = shared
+            .as_ref()
+            .map(|sub| sub.borrow_mut())
             .filter(|sub| sub.open)
             .ok_or_else(|| {
                 ItemError::NotUpdatable(format!("mid {} is not an open pulled track", item.mid))
@@ -1321,6 +1340,7 @@ impl Worker {
                 source_session_id: sub.source_session_id.clone(),
                 track_name: sub.track_name.clone(),
             };
+            drop(sub);
             self.unlink_subscriber(old, key, mid);
             let me = self.index;
             self.tell(
@@ -1340,6 +1360,7 @@ impl Worker {
             source_session_id: sub.source_session_id.clone(),
             track_name: sub.track_name.clone(),
         };
+        drop(sub);
         if let Some(preferred) = item.preferred_rid.as_deref() {
             self.request_keyframe(track, Some(Rid::from(preferred)), w);
         }
@@ -1351,7 +1372,8 @@ impl Worker {
         let Some(s) = self.sessions.get_mut(&key) else {
             return;
         };
-        s.subscriptions.insert(mid, Subscription::new(item));
+        let sub = Rc::new(RefCell::new(Subscription::new(item)));
+        s.subscriptions.insert(mid, sub);
         s.remember(TrackSlot::Pulled(mid));
         self.link_subscriber(track, key, mid);
         self.tell(
@@ -1586,7 +1608,8 @@ impl Worker {
                 Ok(item) => match item.onto.clone() {
                     None => Plan::New(item),
                     Some(name) => match s.published_mid(&name).filter(|m| {
-                        s.peer.can_send(*m) && !s.subscriptions.get(m).is_some_and(|x| x.open)
+                        s.peer.can_send(*m)
+                            && !s.subscriptions.get(m).is_some_and(|x| x.borrow().open)
                     }) {
                         Some(mid) => Plan::Onto(mid, item),
                         None => Plan::Failed(ItemError::NotUpdatable(format!(
@@ -1599,7 +1622,11 @@ impl Worker {
         let outcome = self.with_session(key, |s| {
             // a=msid must be unique per m-line (browsers reject duplicates), and one
             // session may pull the same track twice: number the repeats.
-            let mut seen: Vec<TrackKey> = s.subscriptions.values().map(|x| x.source).collect();
+            let mut seen: Vec<TrackKey> = s
+                .subscriptions
+                .values()
+                .map(|x| x.borrow().source)
+                .collect();
             let medias: Vec<NewMedia> = plans
                 .iter()
                 .filter_map(|p| match p {
