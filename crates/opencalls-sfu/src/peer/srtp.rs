@@ -224,22 +224,10 @@ impl GcmKey {
     /// Decrypts ciphertext-and-tag `data` in place; the plaintext's length, if it
     /// authenticates.
     fn open(&self, nonce: [u8; 12], aad: &[u8], data: &mut [u8]) -> Option<usize> {
-        match self {
-            GcmKey::Ring(key) => {
-                use ring::aead::{Aad, Nonce};
-                let nonce = Nonce::assume_unique_for_key(nonce);
-                key.open_in_place(nonce, Aad::from(aad), data)
-                    .ok()
-                    .map(|plain| plain.len())
-            }
-            GcmKey::AwsLc(key) => {
-                use aws_lc_rs::aead::{Aad, Nonce};
-                let nonce = Nonce::assume_unique_for_key(nonce);
-                key.open_in_place(nonce, Aad::from(aad), data)
-                    .ok()
-                    .map(|plain| plain.len())
-            }
-        }
+        let len = data.len().checked_sub(TAG)?;
+        let (ciphertext, tag) = data.split_at_mut(len);
+        self.open_separate_tag(nonce, aad, ciphertext, tag)
+            .then_some(len)
     }
 }
 
