@@ -1278,16 +1278,14 @@ impl Worker {
         true
     }
 
-    /// Adds subscription `(key, mid)` to `track`'s fan-out on this worker.
-    fn link_subscriber(&mut self, track: TrackKey, key: SessionKey, mid: Mid) {
-        let Some(sub) = self
-            .sessions
-            .get(&key)
-            .and_then(|s| s.subscriptions.get(&mid))
-        else {
-            return;
-        };
-        let sub = Rc::clone(sub);
+    /// Adds subscription `(key, mid)`, `sub`, to `track`'s fan-out on this worker.
+    fn link_subscriber(
+        &mut self,
+        track: TrackKey,
+        key: SessionKey,
+        mid: Mid,
+        sub: SharedSubscription,
+    ) {
         self.subscribers
             .entry(track)
             .or_default()
@@ -1310,14 +1308,15 @@ impl Worker {
     fn update(&mut self, key: SessionKey, item: UpdateItem) -> Result<Updated, ItemError> {
         let mid = Mid::from(item.mid.as_str());
         let s = self.sessions.get(&key).ok_or(ItemError::Internal)?;
-        let shared = s.subscriptions.get(&mid).map(Rc::clone);
-        let mut sub = shared
-            .as_ref()
-            .map(|sub| sub.borrow_mut())
-            .filter(|sub| sub.open)
+        let shared = s
+            .subscriptions
+            .get(&mid)
+            .filter(|sub| sub.borrow().open)
+            .map(Rc::clone)
             .ok_or_else(|| {
                 ItemError::NotUpdatable(format!("mid {} is not an open pulled track", item.mid))
             })?;
+        let mut sub = shared.borrow_mut();
         if let Some(new) = &item.source {
             if new.kind != sub.kind {
                 return Err(ItemError::NotUpdatable(format!(
@@ -1350,7 +1349,7 @@ impl Worker {
                     worker: me,
                 },
             );
-            self.link_subscriber(track, key, mid);
+            self.link_subscriber(track, key, mid, shared);
             // Attaching asks the publisher for a keyframe.
             self.tell(worker, Msg::Attach { track, worker: me });
             return Ok(done);
@@ -1373,9 +1372,9 @@ impl Worker {
             return;
         };
         let sub = Rc::new(RefCell::new(Subscription::new(item)));
-        s.subscriptions.insert(mid, sub);
+        s.subscriptions.insert(mid, Rc::clone(&sub));
         s.remember(TrackSlot::Pulled(mid));
-        self.link_subscriber(track, key, mid);
+        self.link_subscriber(track, key, mid, sub);
         self.tell(
             source_worker,
             Msg::Attach {
