@@ -553,7 +553,6 @@ impl TwccFeedback {
             }
         };
         if self.last.is_none() {
-            self.epoch = Some(now);
             self.base = ext;
             self.next = ext;
         }
