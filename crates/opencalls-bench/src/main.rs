@@ -176,6 +176,7 @@ fn main() -> anyhow::Result<()> {
                     let line = json!({
                         "scenario": scenario.name(), "step": i, "target": target.name(),
                         "n": step.n, "sending": sending.name(), "valid": false, "error": format!("{e:#}"),
+                        "cpu_model": sys::cpu_model(),
                         "out_pps": null, "server_busy_cores": null, "out_pps_per_core": null,
                         "ratio_to_raw": null, "loss": null, "p50_ms": null, "p99_ms": null, "rss_mb": null,
                     });
@@ -194,6 +195,7 @@ fn main() -> anyhow::Result<()> {
             let mut line = r.to_json(scenario, i, target, step, ratio);
             line["sending"] = json!(sending.name());
             line["media_ip"] = json!(world::media_ip().to_string());
+            line["cpu_model"] = json!(sys::cpu_model());
             line["reads"] = json!(if rx::timer_reads() { "timer" } else { "wakeup" });
             if rounds.len() > 1 {
                 line["rounds"] = json!(rounds.len());

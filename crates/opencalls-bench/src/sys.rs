@@ -81,6 +81,23 @@ pub fn cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// The CPU model this runs on (`model name` in `/proc/cpuinfo`), so every result names its
+/// host: the shared guests this benchmark runs on change kind between days, and their
+/// kernels' cost per datagram differs by about two times.
+pub fn cpu_model() -> Option<String> {
+    model_name(&std::fs::read_to_string("/proc/cpuinfo").ok()?)
+}
+
+/// The first `model name` of `/proc/cpuinfo` text.
+fn model_name(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|l| {
+        let (key, value) = l.split_once(':')?;
+        (key.trim() == "model name")
+            .then(|| value.trim().to_string())
+            .filter(|v| !v.is_empty())
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -98,6 +115,15 @@ mod tests {
         assert_eq!(idle_ticks(STAT, 2), None);
         assert_eq!(idle_ticks("cpu1 1 2 x 4 5 6 7 8\n", 1), None);
         assert_eq!(idle_ticks("cpu1 1 2 3\n", 1), None);
+    }
+
+    #[test]
+    fn cpu_model_is_the_first_model_name() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel\t\t: 17\n\
+            model name\t: AMD EPYC\nflags\t\t: fpu\n\nprocessor\t: 1\nmodel name\t: other\n";
+        assert_eq!(model_name(info).as_deref(), Some("AMD EPYC"));
+        assert_eq!(model_name("processor\t: 0\nmodel\t\t: 17\n"), None);
+        assert_eq!(model_name("model name\t:\n"), None);
     }
 
     #[test]
