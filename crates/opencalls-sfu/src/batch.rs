@@ -29,7 +29,11 @@ fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
 pub(crate) struct Inbox {
     bufs: Vec<[u8; MAX_DATAGRAM]>,
     headers: MultiHeaders<SockaddrStorage>,
-    got: Vec<(usize, SocketAddr)>,
+    /// For each datagram of the last read: its buffer, its length and its source.
+    got: Vec<(usize, usize, SocketAddr)>,
+    /// The last read took fewer datagrams than it had room for: the socket's queue was
+    /// empty then.
+    drained: bool,
 }
 
 impl Inbox {
@@ -38,12 +42,14 @@ impl Inbox {
             bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
             headers: MultiHeaders::preallocate(BATCH, None),
             got: Vec::with_capacity(BATCH),
+            drained: false,
         }
     }
 
     /// Reads what is waiting, up to [`BATCH`] datagrams; `Ok(0)` when nothing is.
     pub fn read(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
         self.got.clear();
+        self.drained = false;
         let mut iovs: Vec<[IoSliceMut; 1]> = self
             .bufs
             .iter_mut()
@@ -57,22 +63,37 @@ impl Inbox {
             None,
         ) {
             Ok(msgs) => {
-                for m in msgs {
+                let mut taken = 0;
+                for (i, m) in msgs.enumerate() {
+                    taken += 1;
                     if let Some(from) = m.address.as_ref().and_then(to_std) {
-                        self.got.push((m.bytes, from));
+                        self.got.push((i, m.bytes, from));
                     }
                 }
+                self.drained = taken < BATCH;
                 Ok(self.got.len())
             }
-            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(nix::errno::Errno::EAGAIN) => {
+                self.drained = true;
+                Ok(0)
+            }
             Err(e) => Err(io::Error::from(e)),
         }
     }
 
     /// Datagram `i` of the last read and its source.
     pub fn datagram(&self, i: usize) -> (&[u8], SocketAddr) {
-        let (n, from) = self.got[i];
-        (&self.bufs[i][..n], from)
+        let (buf, n, from) = self.got[i];
+        (&self.bufs[buf][..n], from)
+    }
+
+    /// Whether the last read found the socket's queue empty before its buffers were full
+    /// (with `MSG_DONTWAIT`, `recvmmsg` stops at the first empty read). Sockets are polled
+    /// edge-triggered, and every datagram queued after that read raises a new readiness
+    /// event, so the worker can wait without reading again to see `EAGAIN`: one system
+    /// call fewer per wake-up at light load, where each wake-up carries a datagram or two.
+    pub fn drained(&self) -> bool {
+        self.drained
     }
 }
 
@@ -474,6 +495,31 @@ mod tests {
         }
         assert_eq!(seen, (0..BATCH + 5).map(|i| 10 + i).collect::<Vec<_>>());
         assert_eq!(inbox.read(&b).unwrap(), 0, "nothing left: no blocking");
+    }
+
+    #[test]
+    fn a_read_that_leaves_room_says_the_queue_was_empty_and_a_full_one_does_not() {
+        let [a, b] = loopback();
+        let to = b.local_addr().unwrap();
+        let mut out = Outbox::new();
+        // On loopback a datagram is in the receiver's queue when the send returns.
+        for i in 0..(BATCH + 3) {
+            out.push(0, to, &[i as u8; 20]);
+        }
+        assert_eq!(out.flush(&[&a]), ((BATCH + 3) as u64, 0));
+        let mut inbox = Inbox::new();
+        assert_eq!(inbox.read(&b).unwrap(), BATCH);
+        assert!(
+            !inbox.drained(),
+            "a full batch may have left datagrams behind"
+        );
+        assert_eq!(inbox.read(&b).unwrap(), 3);
+        assert!(inbox.drained(), "three of {BATCH}: the queue ran dry");
+        for i in 0..3 {
+            assert_eq!(inbox.datagram(i).0, &[(BATCH + i) as u8; 20]);
+        }
+        assert_eq!(inbox.read(&b).unwrap(), 0);
+        assert!(inbox.drained());
     }
 
     #[test]

@@ -545,11 +545,13 @@ impl Worker {
     /// dry (returns true) or `READ_BATCHES_PER_TURN` batches were read (false: the caller
     /// comes back without waiting). The bound keeps an overloaded worker turning: commands,
     /// str0m timers (which release most forwarded packets) and housekeeping run every turn
-    /// however fast datagrams arrive.
+    /// however fast datagrams arrive. A batch that did not fill its buffers emptied the
+    /// socket's queue ([`Inbox::drained`]): no further read to confirm it.
     fn read_socket(&mut self, i: usize, inbox: &mut Inbox) -> bool {
         for _ in 0..READ_BATCHES_PER_TURN {
             let n = match inbox.read(&self.sockets[i]) {
-                Ok(0) => return true,
+                Ok(0) if inbox.drained() => return true,
+                Ok(0) => continue,
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // ICMP errors surface here on Linux; they concern one peer only.
@@ -566,6 +568,9 @@ impl Worker {
                 self.settle();
             }
             self.flush();
+            if inbox.drained() {
+                return true;
+            }
         }
         false
     }
