@@ -152,19 +152,35 @@ fn main() -> anyhow::Result<()> {
     };
     // The raw relay's result per step, with the p99 its knee test uses.
     let mut raw_results: Vec<Option<(StepResult, Option<f64>)>> = vec![None; steps.len()];
-    for target in targets {
-        for (i, step) in steps.iter().enumerate() {
-            eprintln!(
-                "{} {} step {} ({})",
-                scenario.name(),
-                target.name(),
-                i,
-                step.describe()
-            );
-            let r = (0..cli.rounds.max(1))
-                .map(|_| world::run_step(target, scenario, step, cli.quick, sending))
-                .collect::<anyhow::Result<Vec<_>>>();
-            let (r, rounds, server_p99s) = match r {
+    // Step by step, every target still ramping runs once per round, in turn (raw first), so
+    // the targets compared at a step ran within the same minutes: a shared host's load
+    // drifts over a run, and a target's steps run back to back would meet another part of
+    // that drift than the others' (at light steps it moved a target's figure by half).
+    let mut ramping = targets;
+    for (i, step) in steps.iter().enumerate() {
+        let mut rounds: Vec<anyhow::Result<Vec<StepResult>>> =
+            ramping.iter().map(|_| Ok(Vec::new())).collect();
+        for _ in 0..cli.rounds.max(1) {
+            for (target, runs) in ramping.iter().zip(rounds.iter_mut()) {
+                let Ok(done) = runs else {
+                    continue;
+                };
+                eprintln!(
+                    "{} {} step {} ({})",
+                    scenario.name(),
+                    target.name(),
+                    i,
+                    step.describe()
+                );
+                match world::run_step(*target, scenario, step, cli.quick, sending) {
+                    Ok(r) => done.push(r),
+                    Err(e) => *runs = Err(e),
+                }
+            }
+        }
+        let mut stopped = Vec::new();
+        for (target, runs) in ramping.iter().copied().zip(rounds) {
+            let (r, rounds, server_p99s) = match runs {
                 Ok(rs) => {
                     let server: Vec<Option<f64>> =
                         rs.iter().map(|r| r.server_ms.map(|s| s.1)).collect();
@@ -181,7 +197,8 @@ fn main() -> anyhow::Result<()> {
                         "ratio_to_raw": null, "loss": null, "p50_ms": null, "p99_ms": null, "rss_mb": null,
                     });
                     writeln!(out, "{line}")?;
-                    break;
+                    stopped.push(target);
+                    continue;
                 }
             };
             let raw = raw_results[i].as_ref().map(|(r, _)| r);
@@ -224,9 +241,13 @@ fn main() -> anyhow::Result<()> {
             if target == Target::Raw {
                 raw_results[i] = Some((r, p99));
             } else if knee {
-                eprintln!("  knee reached at step {i}");
-                break;
+                eprintln!("  {} reached its knee at step {i}", target.name());
+                stopped.push(target);
             }
+        }
+        ramping.retain(|t| !stopped.contains(t));
+        if ramping.is_empty() {
+            break;
         }
     }
     Ok(())
