@@ -27,7 +27,7 @@ fn to_std(a: &SockaddrStorage) -> Option<SocketAddr> {
 
 /// Receive buffers for one `recvmmsg`.
 pub(crate) struct Inbox {
-    bufs: Vec<[u8; MAX_DATAGRAM]>,
+    bufs: Box<[[u8; MAX_DATAGRAM]; BATCH]>,
     headers: MultiHeaders<SockaddrStorage>,
     /// For each datagram of the last read: its buffer, its length and its source.
     got: Vec<(usize, usize, SocketAddr)>,
@@ -39,7 +39,10 @@ pub(crate) struct Inbox {
 impl Inbox {
     pub fn new() -> Inbox {
         Inbox {
-            bufs: vec![[0u8; MAX_DATAGRAM]; BATCH],
+            bufs: vec![[0u8; MAX_DATAGRAM]; BATCH]
+                .into_boxed_slice()
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("BATCH buffers were made")),
             headers: MultiHeaders::preallocate(BATCH, None),
             got: Vec::with_capacity(BATCH),
             drained: false,
@@ -50,11 +53,9 @@ impl Inbox {
     pub fn read(&mut self, sock: &impl AsRawFd) -> io::Result<usize> {
         self.got.clear();
         self.drained = false;
-        let mut iovs: Vec<[IoSliceMut; 1]> = self
-            .bufs
-            .iter_mut()
-            .map(|b| [IoSliceMut::new(&mut b[..])])
-            .collect();
+        // On the stack: a light-load wake-up reads one datagram or two, and an allocation
+        // per read would be one per packet.
+        let mut iovs = self.bufs.each_mut().map(|b| [IoSliceMut::new(&mut b[..])]);
         match recvmmsg(
             sock.as_raw_fd(),
             &mut self.headers,
