@@ -158,10 +158,11 @@ fn main() -> anyhow::Result<()> {
     // that drift than the others' (at light steps it moved a target's figure by half).
     let mut ramping = targets;
     for (i, step) in steps.iter().enumerate() {
-        let mut rounds: Vec<anyhow::Result<Vec<StepResult>>> =
+        // Each ramping target's results at this step, or the error that ended its ramp.
+        let mut per_target: Vec<anyhow::Result<Vec<StepResult>>> =
             ramping.iter().map(|_| Ok(Vec::new())).collect();
         for _ in 0..cli.rounds.max(1) {
-            for (target, runs) in ramping.iter().zip(rounds.iter_mut()) {
+            for (target, runs) in ramping.iter().zip(per_target.iter_mut()) {
                 let Ok(done) = runs else {
                     continue;
                 };
@@ -179,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         let mut stopped = Vec::new();
-        for (target, runs) in ramping.iter().copied().zip(rounds) {
+        for (target, runs) in ramping.iter().copied().zip(per_target) {
             let (r, rounds, server_p99s) = match runs {
                 Ok(rs) => {
                     let server: Vec<Option<f64>> =

@@ -64,12 +64,13 @@ impl Inbox {
             None,
         ) {
             Ok(msgs) => {
+                // Counts every datagram taken, each's buffer index on the way.
                 let mut taken = 0;
-                for (i, m) in msgs.enumerate() {
-                    taken += 1;
+                for m in msgs {
                     if let Some(from) = m.address.as_ref().and_then(to_std) {
-                        self.got.push((i, m.bytes, from));
+                        self.got.push((taken, m.bytes, from));
                     }
+                    taken += 1;
                 }
                 self.drained = taken < BATCH;
                 Ok(self.got.len())
