@@ -195,6 +195,10 @@ pub struct StepResult {
     pub push: Option<(f64, f64)>,
     /// Keyframes publishers made because one was asked for, per second of the window.
     pub forced_keyframes_per_sec: Option<f64>,
+    /// opencalls, after the window: its busiest worker's load as `/metrics` shows it, and
+    /// whether one more `sessions/new` was admitted (false: 503, every worker at its load
+    /// limit).
+    pub admission: Option<(Option<f64>, bool)>,
 }
 
 impl StepResult {
@@ -236,7 +240,37 @@ impl StepResult {
             "push_per_sec": self.push.map(|p| round(p.0)),
             "push_per_sec_per_core": self.push.map(|(r, b)| round(if b > 0.0 { r / b } else { 0.0 })),
             "forced_keyframes_per_sec": self.forced_keyframes_per_sec.map(round3),
+            "worker_load": self.admission.and_then(|a| a.0).map(round3),
+            "admits_sessions": self.admission.map(|a| a.1),
         })
+    }
+}
+
+/// After a step's window, with its media still flowing: the busiest worker's load from
+/// `/metrics`, and whether the server admits one more session (201) or refuses it for
+/// load (503). Any other answer is an error of the step.
+fn admission(api: &Api) -> anyhow::Result<(Option<f64>, bool)> {
+    let timeout = Duration::from_secs(5);
+    let m = opencalls_testkit::api::try_request(api.addr, "GET", "/metrics", &[], None, timeout)?;
+    let load = m
+        .body
+        .lines()
+        .filter(|l| l.starts_with("opencalls_worker_load{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::max);
+    let auth = format!("Bearer {}", api.secret);
+    let r = opencalls_testkit::api::try_request(
+        api.addr,
+        "POST",
+        &format!("/v1/apps/{}/sessions/new", api.app),
+        &[("Authorization", auth.as_str())],
+        None,
+        timeout,
+    )?;
+    match r.status {
+        201 => Ok((load, true)),
+        503 => Ok((load, false)),
+        s => anyhow::bail!("sessions/new after the window answered {s}: {}", r.body),
     }
 }
 
@@ -417,8 +451,11 @@ pub fn run_step(
         (Target::Raw, Scenario::Api) => anyhow::bail!("a UDP relay has no API"),
         (Target::Opencalls, _) => {
             let mut w = OpencallsWorld::build(topology, 600)?;
-            w.media
-                .measure(warm, window, w.server.id(), Some(w.api.addr))
+            let mut r = w
+                .media
+                .measure(warm, window, w.server.id(), Some(w.api.addr))?;
+            r.admission = Some(admission(&w.api)?);
+            Ok(r)
         }
         (Target::Raw, _) => {
             let mut w = RawWorld::build(topology)?;
@@ -894,6 +931,7 @@ impl Media {
             join_failures: 0,
             push: None,
             forced_keyframes_per_sec: Some(forced),
+            admission: None,
         })
     }
 
@@ -1179,6 +1217,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         join_failures: 0,
         push: Some((push_rate, push_busy)),
         forced_keyframes_per_sec: None,
+        admission: None,
     })
 }
 

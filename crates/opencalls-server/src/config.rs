@@ -58,6 +58,21 @@ pub struct ServeConfig {
     /// RTCP and keyframe requests) or `str0m`.
     #[arg(long, env = "OPENCALLS_INGRESS", value_enum, default_value_t = IngressArg::Beside)]
     pub ingress: IngressArg,
+    /// A media worker's busy share of wall time (0 to 1, smoothed over about a second) at
+    /// which it takes no new session; `sessions/new` answers 503 with `Retry-After` when
+    /// every worker is there. 1 refuses only workers that never wait for input.
+    #[arg(long, env = "OPENCALLS_MAX_WORKER_LOAD", default_value_t = 0.95, value_parser = load_share)]
+    pub max_worker_load: f64,
+}
+
+/// Parses `--max-worker-load`: a share from 0 to 1.
+fn load_share(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{v} is not between 0 and 1"))
+    }
 }
 
 /// `--ingress`.
@@ -112,6 +127,7 @@ impl ServeConfig {
             idle_timeout_secs: 30,
             aes_gcm: AesGcmArg::Auto,
             ingress: IngressArg::Beside,
+            max_worker_load: 0.95,
         }
     }
 

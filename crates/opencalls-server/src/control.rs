@@ -1,11 +1,13 @@
 //! The control plane: apps, the registry, worker placement, and request/reply calls into
 //! the media workers. Never blocks a media thread: commands are queued, replies awaited.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use opencalls_sfu::{Certificate, Command, IngressPath, Peer, PeerConfig, Reply, WorkerHandle};
+use opencalls_sfu::{
+    load, Certificate, Command, IngressPath, Peer, PeerConfig, Reply, WorkerHandle,
+};
 
 use crate::apps::AppStore;
 use crate::http::ApiError;
@@ -23,6 +25,10 @@ pub struct Control {
     certificate: Certificate,
     ingress: IngressPath,
     next_worker: AtomicUsize,
+    /// Per mille: a worker whose load reads this or more takes no new session.
+    max_load_permille: u32,
+    /// `sessions/new` requests refused because every worker was at its load limit.
+    pub refused_sessions: AtomicU64,
 }
 
 impl Control {
@@ -32,6 +38,7 @@ impl Control {
         workers: Vec<WorkerHandle>,
         certificate: Certificate,
         ingress: IngressPath,
+        max_worker_load: f64,
     ) -> Control {
         Control {
             apps,
@@ -40,6 +47,9 @@ impl Control {
             certificate,
             ingress,
             next_worker: AtomicUsize::new(0),
+            max_load_permille: (max_worker_load.clamp(0.0, 1.0) * f64::from(load::FULL)).round()
+                as u32,
+            refused_sessions: AtomicU64::new(0),
         }
     }
 
@@ -49,14 +59,30 @@ impl Control {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Worker with the fewest sessions (ties broken round-robin).
-    pub fn place(&self) -> &WorkerHandle {
+    /// The worker for a new session: of those under the load limit, the one with the
+    /// fewest sessions (ties broken round-robin). 503 when every worker is at the limit: a
+    /// session placed there would drown its own handshake in the worker's full socket
+    /// queue and take a share of a core its sessions already lack.
+    pub fn place(&self) -> Result<&WorkerHandle, ApiError> {
         let start = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        let n = self.workers.len();
-        (0..n)
-            .map(|i| &self.workers[(start + i) % n])
-            .min_by_key(|w| w.stats().sessions.load(Ordering::Relaxed))
-            .expect("invariant: at least one worker")
+        let loads: Vec<(u32, usize)> = self
+            .workers
+            .iter()
+            .map(|w| {
+                let s = w.stats();
+                (
+                    s.load_permille.load(Ordering::Relaxed),
+                    s.sessions.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        match choose_worker(&loads, self.max_load_permille, start) {
+            Some(i) => Ok(&self.workers[i]),
+            None => {
+                self.refused_sessions.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::overloaded())
+            }
+        }
     }
 
     /// Worker by index.
@@ -123,4 +149,43 @@ pub fn spawn_event_loop(
             }
         })
         .expect("spawning the event thread")
+}
+
+/// Given each worker's (load in per mille, sessions), the index of the worker under
+/// `max_load` with the fewest sessions, looking from `start` round-robin so that ties
+/// spread; `None` when every worker's load is at `max_load` or above.
+fn choose_worker(loads: &[(u32, usize)], max_load: u32, start: usize) -> Option<usize> {
+    let n = loads.len();
+    (0..n)
+        .map(|i| (start + i) % n)
+        .filter(|&i| loads[i].0 < max_load)
+        .min_by_key(|&i| loads[i].1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::choose_worker;
+
+    #[test]
+    fn the_fewest_sessions_win_among_workers_under_the_limit() {
+        let loads = [(100, 5), (990, 1), (300, 3)];
+        assert_eq!(choose_worker(&loads, 950, 0), Some(2));
+        assert_eq!(choose_worker(&loads, 1000, 0), Some(1));
+    }
+
+    #[test]
+    fn ties_spread_round_robin() {
+        let loads = [(0, 2), (0, 2), (0, 2)];
+        let picked: Vec<_> = (0..3)
+            .map(|s| choose_worker(&loads, 950, s).unwrap())
+            .collect();
+        assert_eq!(picked, vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn no_worker_when_all_are_at_the_limit() {
+        assert_eq!(choose_worker(&[(950, 0), (1000, 0)], 950, 0), None);
+        assert_eq!(choose_worker(&[(0, 0)], 0, 0), None);
+        assert_eq!(choose_worker(&[(999, 0)], 1000, 0), Some(0));
+    }
 }

@@ -141,6 +141,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
         handles,
         certificate,
         config.ingress.into(),
+        config.max_worker_load,
     ));
     control::spawn_event_loop(control.clone(), events_rx);
 

@@ -10,6 +10,7 @@ mod batch;
 pub mod command;
 pub mod delay;
 pub mod forward;
+pub mod load;
 pub mod peer;
 mod session;
 pub mod stun;

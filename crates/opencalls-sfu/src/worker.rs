@@ -19,7 +19,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ use crate::batch::{Inbox, Outbox};
 use crate::command::*;
 use crate::delay::DelayHistogram;
 use crate::forward::Recent;
+use crate::load::LoadMeter;
 use crate::peer::{
     CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
     PeerOutput, Received, Rid, RtpRef,
@@ -129,6 +130,9 @@ pub struct WorkerStats {
     pub crashed_sessions: AtomicU64,
     /// Sessions currently on the worker.
     pub sessions: AtomicUsize,
+    /// The worker's busy share of wall time in per mille ([`crate::load`]), smoothed over
+    /// about a second and updated at each housekeeping tick.
+    pub load_permille: AtomicU32,
     /// Control commands handled (SDP work among them).
     pub commands: AtomicU64,
     /// Microseconds the worker spent on control commands, in total.
@@ -496,6 +500,7 @@ impl Worker {
         let mut events = Events::with_capacity(64);
         let mut inbox = Inbox::new();
         let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        let mut load = LoadMeter::new(Instant::now());
         let mut unread = false;
         while self.running {
             let now = Instant::now();
@@ -515,6 +520,9 @@ impl Worker {
                     break;
                 }
             }
+            if !wait.is_zero() {
+                load.waited(now, Instant::now());
+            }
             unread = false;
             for i in 0..self.sockets.len() {
                 unread |= !self.read_socket(i, &mut inbox);
@@ -527,6 +535,9 @@ impl Worker {
             let housekeeping = now >= next_housekeeping;
             if housekeeping {
                 self.housekeeping(now);
+                self.stats
+                    .load_permille
+                    .store(load.sample(now), Ordering::Relaxed);
                 next_housekeeping = now + HOUSEKEEPING;
             }
             self.settle();

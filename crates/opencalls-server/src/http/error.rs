@@ -1,6 +1,6 @@
 //! `ApiError`: the one type that knows HTTP statuses and Calls error codes.
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use opencalls_api::{ErrorBody, ErrorCode, BACKEND_ERROR_DESCRIPTION};
@@ -12,6 +12,8 @@ pub struct ApiError {
     status: StatusCode,
     code: ErrorCode,
     description: String,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -20,6 +22,7 @@ impl ApiError {
             status,
             code,
             description: description.into(),
+            retry_after: None,
         }
     }
 
@@ -114,6 +117,24 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// 503 with `Retry-After`: every media worker is at its load limit.
+    pub fn overloaded() -> ApiError {
+        ApiError {
+            retry_after: Some(OVERLOAD_RETRY_AFTER_SECS),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::TemporarilyUnavailableError,
+                "Every media worker is at its load limit; retry later",
+            )
+        }
+    }
+}
+
+/// How long a client refused for load waits: about the time the load figure takes to
+/// follow a change (`opencalls_sfu::load`).
+const OVERLOAD_RETRY_AFTER_SECS: u32 = 2;
+
 impl From<SfuError> for ApiError {
     fn from(e: SfuError) -> ApiError {
         match e {
@@ -133,6 +154,11 @@ impl IntoResponse for ApiError {
             error_code: self.code,
             error_description: self.description,
         };
-        (self.status, Json(body)).into_response()
+        let mut res = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res
     }
 }

@@ -183,6 +183,23 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             w.stats().sessions.load(Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP opencalls_worker_load Busy share of each media worker's wall time, smoothed over about a second\n# TYPE opencalls_worker_load gauge"
+    );
+    for w in control.workers() {
+        let _ = writeln!(
+            out,
+            "opencalls_worker_load{{worker=\"{}\"}} {:.3}",
+            w.index(),
+            f64::from(w.stats().load_permille.load(Relaxed)) / f64::from(opencalls_sfu::load::FULL)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP opencalls_sessions_refused_total sessions/new requests refused because every media worker was at its load limit\n# TYPE opencalls_sessions_refused_total counter\nopencalls_sessions_refused_total {}",
+        control.refused_sessions.load(Relaxed)
+    );
     send_delay_histogram(&mut out, control.workers());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

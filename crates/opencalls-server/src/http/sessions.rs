@@ -109,7 +109,7 @@ pub async fn new_session(
         Some(d) => Some(offer_sdp(d)?.to_string()),
         None => None,
     };
-    let worker = control.place();
+    let worker = control.place()?;
     let peer = control.build_peer(worker)?;
     let session_id = opencalls_sfu::random_hex(32);
     let key = SessionKey::next();

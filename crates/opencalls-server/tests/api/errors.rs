@@ -314,3 +314,37 @@ fn more_than_fifty_requests_a_second_get_429() {
         "per session"
     );
 }
+
+#[test]
+fn sessions_new_is_refused_with_retry_after_when_every_worker_is_at_its_load_limit() {
+    // At the default limit an idle worker takes sessions, and /metrics shows its load.
+    let ts = TestServer::start(2);
+    ts.api.new_session();
+    let m = raw_request(ts.api.addr, "GET", "/metrics", &[], None).body;
+    for w in ["0", "1"] {
+        let line = m
+            .lines()
+            .find(|l| l.starts_with(&format!("opencalls_worker_load{{worker=\"{w}\"}}")))
+            .unwrap_or_else(|| panic!("no load gauge for worker {w}:\n{m}"));
+        let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert!((0.0..=1.0).contains(&v), "{line}");
+    }
+    assert!(m.contains("\nopencalls_sessions_refused_total 0\n"), "{m}");
+    drop(ts);
+
+    // A limit of 0 puts every worker at it: new sessions are refused, the API still answers.
+    let mut cfg = ServeConfig::for_tests(APP, SECRET, 2);
+    cfg.max_worker_load = 0.0;
+    let ts = TestServer::start_with(cfg);
+    for _ in 0..3 {
+        let r = ts.api.send("POST", "sessions/new", None);
+        assert_error(&r, 503, "temporarily_unavailable_error");
+        assert_eq!(r.header("retry-after"), Some("2"), "{:?}", r.headers);
+    }
+    let m = raw_request(ts.api.addr, "GET", "/metrics", &[], None).body;
+    assert!(m.contains("\nopencalls_sessions_refused_total 3\n"), "{m}");
+    let unknown = ts
+        .api
+        .send("GET", "sessions/0000000000000000000000000000dead", None);
+    assert_error(&unknown, 404, "not_found");
+}
