@@ -267,7 +267,15 @@ async fn cors(req: Request, next: Next) -> Response {
         return res;
     }
     let mut res = next.run(req).await;
-    add_cors(res.headers_mut(), origin);
+    let h = res.headers_mut();
+    add_cors(h, origin);
+    // A browser calling the API straight may read when to retry after a 503 for load.
+    if h.contains_key(header::RETRY_AFTER) {
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("retry-after"),
+        );
+    }
     res
 }
 

@@ -340,6 +340,10 @@ fn sessions_new_is_refused_with_retry_after_when_every_worker_is_at_its_load_lim
         let r = ts.api.send("POST", "sessions/new", None);
         assert_error(&r, 503, "temporarily_unavailable_error");
         assert_eq!(r.header("retry-after"), Some("2"), "{:?}", r.headers);
+        assert_eq!(
+            r.header("access-control-expose-headers"),
+            Some("retry-after")
+        );
     }
     let m = raw_request(ts.api.addr, "GET", "/metrics", &[], None).body;
     assert!(m.contains("\nopencalls_sessions_refused_total 3\n"), "{m}");
