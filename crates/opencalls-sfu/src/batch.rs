@@ -166,6 +166,30 @@ pub(crate) struct Outbox {
     /// The same, with room for one `UDP_SEGMENT` control message per datagram.
     gso_headers: MultiHeaders<SockaddrStorage>,
     gso: bool,
+    /// A flush's working lists, empty between flushes and kept for their allocations (at
+    /// light load a flush carries one packet's copies, and four allocations per flush were
+    /// most of a worker's; see [`recast`] for the borrowed ones).
+    scratch: Scratch,
+}
+
+/// [`Outbox::flush`]'s lists, as empty vectors whose elements borrow nothing.
+#[derive(Default)]
+struct Scratch {
+    iov: Vec<IoSlice<'static>>,
+    sends: Vec<&'static Queued>,
+    messages: Vec<&'static [IoSlice<'static>]>,
+    addrs: Vec<Option<SockaddrStorage>>,
+}
+
+/// An empty vector's allocation, for elements of another lifetime: collecting a vector's
+/// own iterator into a vector of a type of the same size and alignment reuses its buffer
+/// (std's in-place collect), and an empty vector's iterator yields nothing to convert. If a
+/// future std stopped reusing it, this would cost an allocation again, nothing more.
+fn recast<T, U>(mut v: Vec<T>) -> Vec<U> {
+    v.clear();
+    v.into_iter()
+        .map(|_| unreachable!("the vector was cleared"))
+        .collect()
 }
 
 impl Outbox {
@@ -179,6 +203,12 @@ impl Outbox {
             headers: MultiHeaders::preallocate(QUEUED, None),
             gso_headers: MultiHeaders::preallocate(QUEUED, Some(gso_cmsg_space())),
             gso: cfg!(target_os = "linux"),
+            scratch: Scratch {
+                iov: Vec::with_capacity(QUEUED * 4),
+                sends: Vec::with_capacity(QUEUED),
+                messages: Vec::with_capacity(QUEUED),
+                addrs: Vec::with_capacity(QUEUED),
+            },
         }
     }
 
@@ -257,16 +287,24 @@ impl Outbox {
             return (0, 0);
         }
         let queue = std::mem::take(&mut self.queue);
+        let scratch = std::mem::take(&mut self.scratch);
         let buf = &self.buf;
-        let iov: Vec<IoSlice> = self
-            .parts
-            .iter()
-            .map(|&(start, len)| IoSlice::new(&buf[start..start + len]))
-            .collect();
+        let mut iov: Vec<IoSlice> = recast(scratch.iov);
+        iov.extend(
+            self.parts
+                .iter()
+                .map(|&(start, len)| IoSlice::new(&buf[start..start + len])),
+        );
+        let (mut sends, mut messages, mut addrs): (Vec<&Queued>, Vec<&[IoSlice]>, _) = (
+            recast(scratch.sends),
+            recast(scratch.messages),
+            scratch.addrs,
+        );
         let datagrams = |sends: &[&Queued]| sends.iter().map(|q| q.segments as u64).sum::<u64>();
         for (index, socket) in sockets.iter().enumerate() {
             let fd = socket.as_fd().as_raw_fd();
-            let sends: Vec<&Queued> = queue.iter().filter(|q| q.socket == index).collect();
+            sends.clear();
+            sends.extend(queue.iter().filter(|q| q.socket == index));
             let mut from = 0;
             while from < sends.len() {
                 let (len, segment) = Segmenting::batch(&sends[from..], self.gso);
@@ -278,14 +316,10 @@ impl Outbox {
                     continue;
                 }
                 let batch = &sends[from..from + len];
-                let messages: Vec<&[IoSlice]> = batch
-                    .iter()
-                    .map(|q| &iov[q.first..q.first + q.segments])
-                    .collect();
-                let addrs: Vec<Option<SockaddrStorage>> = batch
-                    .iter()
-                    .map(|q| Some(SockaddrStorage::from(q.to)))
-                    .collect();
+                messages.clear();
+                messages.extend(batch.iter().map(|q| &iov[q.first..q.first + q.segments]));
+                addrs.clear();
+                addrs.extend(batch.iter().map(|q| Some(SockaddrStorage::from(q.to))));
                 let mut at = 0;
                 while at < batch.len() {
                     let headers = match segment {
@@ -345,6 +379,13 @@ impl Outbox {
                 from += at;
             }
         }
+        let (messages, sends) = (recast(messages), recast(sends));
+        self.scratch = Scratch {
+            iov: recast(iov),
+            sends,
+            messages,
+            addrs,
+        };
         let mut queue = queue;
         queue.clear();
         self.queue = queue;
@@ -471,6 +512,20 @@ fn send_many(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recast_vector_keeps_its_allocation() {
+        let mut v: Vec<&'static [u8]> = Vec::with_capacity(64);
+        v.push(b"x");
+        let ptr = v.as_ptr() as usize;
+        let local = [0u8; 4];
+        let mut w: Vec<&[u8]> = recast(v);
+        assert!(w.is_empty());
+        assert_eq!((w.capacity(), w.as_ptr() as usize), (64, ptr));
+        w.push(&local);
+        let back: Vec<&'static [u8]> = recast(w);
+        assert_eq!((back.capacity(), back.as_ptr() as usize), (64, ptr));
+    }
 
     #[test]
     fn a_batch_goes_out_and_comes_back_in() {
