@@ -172,6 +172,9 @@ impl Target {
 pub struct StepResult {
     pub out_pps: f64,
     pub server_busy_cores: f64,
+    /// Of the server's core, the share the hypervisor ran something else (not in
+    /// `server_busy_cores`).
+    pub server_steal: f64,
     pub generator_busy: f64,
     pub loss: f64,
     pub p50_ms: Option<f64>,
@@ -226,6 +229,7 @@ impl StepResult {
         json!({
             "scenario": s.name(), "step": i, "target": t.name(), "n": step.n,
             "out_pps": round(self.out_pps), "server_busy_cores": round3(self.server_busy_cores),
+            "server_steal_cores": round3(self.server_steal),
             "out_pps_per_core": round(self.out_pps_per_core()), "ratio_to_raw": ratio.map(round3),
             "cpu_us_per_packet": us_per_pkt.map(round3),
             "loss": round6(self.loss), "p50_ms": self.p50_ms.map(round3), "p99_ms": self.p99_ms.map(round3),
@@ -913,6 +917,7 @@ impl Media {
         Ok(StepResult {
             out_pps: meter.packets as f64 / secs,
             server_busy_cores: sys::busy_between(s0, s1),
+            server_steal: sys::steal_between(s0, s1),
             generator_busy: sys::busy_between(g0, g1),
             loss: meter.loss(),
             p50_ms: latency(&mut meter, 0.5),
@@ -1159,6 +1164,10 @@ impl RawWorld {
     }
 }
 
+/// One api phase: requests per second, the server's (busy, stolen) share of its core, the
+/// generator's busy share, and each round's latency in ms.
+type Phase = (f64, (f64, f64), f64, Vec<f64>);
+
 /// Two phases from one client, as fast as it can ask: `n` bare `sessions/new` (the rate the
 /// goal names, `sessions_per_sec`), then `n` rounds of `sessions/new` + `tracks/new` pushing
 /// an audio+video offer (`push_per_sec`; its latency is the step's p50/p99).
@@ -1168,7 +1177,7 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
     let (offer, mids) = peer.offer_send(&[MediaKind::Audio, MediaKind::Video]);
     let body = json!({"sessionDescription": {"type": "offer", "sdp": offer},
         "tracks": mids.iter().enumerate().map(|(k, m)| json!({"location": "local", "mid": m.to_string(), "trackName": format!("t{k}")})).collect::<Vec<_>>()});
-    let phase = |with_push: bool| -> anyhow::Result<(f64, f64, f64, Vec<f64>)> {
+    let phase = |with_push: bool| -> anyhow::Result<Phase> {
         let mut lat = Vec::with_capacity(step.n);
         let (s0, g0) = (sys::cpu_sample(1), sys::cpu_sample(0));
         let t0 = Instant::now();
@@ -1191,16 +1200,17 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         let (s1, g1) = (sys::cpu_sample(1), sys::cpu_sample(0));
         Ok((
             rate,
-            sys::busy_between(s0, s1),
+            (sys::busy_between(s0, s1), sys::steal_between(s0, s1)),
             sys::busy_between(g0, g1),
             lat,
         ))
     };
-    let (new_rate, new_busy, new_gen, _) = phase(false)?;
-    let (push_rate, push_busy, push_gen, mut lat) = phase(true)?;
+    let (new_rate, (new_busy, new_steal), new_gen, _) = phase(false)?;
+    let (push_rate, (push_busy, _), push_gen, mut lat) = phase(true)?;
     Ok(StepResult {
         out_pps: 0.0,
         server_busy_cores: new_busy,
+        server_steal: new_steal,
         generator_busy: new_gen.max(push_gen),
         loss: 0.0,
         p50_ms: percentile(&mut lat, 0.5),
