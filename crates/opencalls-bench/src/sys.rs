@@ -18,8 +18,9 @@ const USER_HZ: f64 = 100.0;
 /// entry and exit timestamps. Steal time (the vCPU was ready to run and the hypervisor ran
 /// something else) is not sampled either: it is the hypervisor's own count, read from the
 /// paravirtual steal clock. It is no work of the server's, and on a shared host it came and
-/// went by the second: in two back-to-back meeting-4 runs it was 40 % and 30 % of what
-/// counted as busy when it was counted (until the twenty-second session).
+/// went by the second: over two back-to-back meeting-4 runs it was 42 % and 31 % on top of
+/// the server core's user, system and softirq time (counted as busy until the twenty-second
+/// session).
 #[derive(Debug, Clone, Copy)]
 pub struct CpuSample {
     /// idle + iowait, in USER_HZ ticks.

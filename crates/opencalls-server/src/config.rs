@@ -59,9 +59,12 @@ pub struct ServeConfig {
     #[arg(long, env = "OPENCALLS_INGRESS", value_enum, default_value_t = IngressArg::Beside)]
     pub ingress: IngressArg,
     /// A media worker's busy share of wall time (0 to 1, smoothed over about a second) at
-    /// which it takes no new session; `sessions/new` answers 503 with `Retry-After` when
-    /// every worker is there. 1 refuses only workers that never wait for input.
-    #[arg(long, env = "OPENCALLS_MAX_WORKER_LOAD", default_value_t = 0.95, value_parser = load_share)]
+    /// which it takes no new session. A worker whose socket queue overflowed in the last
+    /// second takes none whatever this says; `sessions/new` answers 503 with `Retry-After`
+    /// when no worker is left. The default, 1, refuses only workers that never wait for
+    /// input: a batching worker busy all the time may still have room (its cost per packet
+    /// falls as its batches fill), so a lower limit trades capacity for latency headroom.
+    #[arg(long, env = "OPENCALLS_MAX_WORKER_LOAD", default_value_t = 1.0, value_parser = load_share)]
     pub max_worker_load: f64,
 }
 
@@ -127,7 +130,7 @@ impl ServeConfig {
             idle_timeout_secs: 30,
             aes_gcm: AesGcmArg::Auto,
             ingress: IngressArg::Beside,
-            max_worker_load: 0.95,
+            max_worker_load: 1.0,
         }
     }
 

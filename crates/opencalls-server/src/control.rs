@@ -25,7 +25,8 @@ pub struct Control {
     certificate: Certificate,
     ingress: IngressPath,
     next_worker: AtomicUsize,
-    /// Per mille: a worker whose load reads this or more takes no new session.
+    /// Per mille: a worker whose load reads this or more takes no new session (1000: only
+    /// one that never waited for input over the smoothed window).
     max_load_permille: u32,
     /// `sessions/new` requests refused because every worker was at its load limit.
     pub refused_sessions: AtomicU64,
@@ -59,21 +60,23 @@ impl Control {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The worker for a new session: of those under the load limit, the one with the
-    /// fewest sessions (ties broken round-robin). 503 when every worker is at the limit: a
-    /// session placed there would drown its own handshake in the worker's full socket
-    /// queue and take a share of a core its sessions already lack.
+    /// The worker for a new session: of those that keep up with their sockets and are
+    /// under the load limit, the one with the fewest sessions (ties broken round-robin).
+    /// 503 when there is none: a session placed on a worker whose socket queue overflows
+    /// would drown its own handshake there and take a share of a core its sessions
+    /// already lack.
     pub fn place(&self) -> Result<&WorkerHandle, ApiError> {
         let start = self.next_worker.fetch_add(1, Ordering::Relaxed);
-        let loads: Vec<(u32, usize)> = self
+        let loads: Vec<Load> = self
             .workers
             .iter()
             .map(|w| {
                 let s = w.stats();
-                (
-                    s.load_permille.load(Ordering::Relaxed),
-                    s.sessions.load(Ordering::Relaxed),
-                )
+                Load {
+                    saturated: s.saturated.load(Ordering::Relaxed),
+                    permille: s.load_permille.load(Ordering::Relaxed),
+                    sessions: s.sessions.load(Ordering::Relaxed),
+                }
             })
             .collect();
         match choose_worker(&loads, self.max_load_permille, start) {
@@ -151,31 +154,59 @@ pub fn spawn_event_loop(
         .expect("spawning the event thread")
 }
 
-/// Given each worker's (load in per mille, sessions), the index of the worker under
-/// `max_load` with the fewest sessions, looking from `start` round-robin so that ties
-/// spread; `None` when every worker's load is at `max_load` or above.
-fn choose_worker(loads: &[(u32, usize)], max_load: u32, start: usize) -> Option<usize> {
+/// What placement knows of a worker.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// The kernel dropped datagrams at its sockets within the last second or so.
+    saturated: bool,
+    /// Busy share of its wall time, per mille.
+    permille: u32,
+    sessions: usize,
+}
+
+/// The index of the worker with the fewest sessions among those not saturated and under
+/// `max_load` (per mille), looking from `start` round-robin so that ties spread; `None`
+/// when there is none.
+fn choose_worker(loads: &[Load], max_load: u32, start: usize) -> Option<usize> {
     let n = loads.len();
     (0..n)
         .map(|i| (start + i) % n)
-        .filter(|&i| loads[i].0 < max_load)
-        .min_by_key(|&i| loads[i].1)
+        .filter(|&i| !loads[i].saturated && loads[i].permille < max_load)
+        .min_by_key(|&i| loads[i].sessions)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::choose_worker;
+    use super::{choose_worker, Load};
+
+    fn w(permille: u32, sessions: usize) -> Load {
+        Load {
+            saturated: false,
+            permille,
+            sessions,
+        }
+    }
 
     #[test]
     fn the_fewest_sessions_win_among_workers_under_the_limit() {
-        let loads = [(100, 5), (990, 1), (300, 3)];
+        let loads = [w(100, 5), w(990, 1), w(300, 3)];
         assert_eq!(choose_worker(&loads, 950, 0), Some(2));
         assert_eq!(choose_worker(&loads, 1000, 0), Some(1));
     }
 
     #[test]
+    fn a_saturated_worker_takes_no_session_whatever_its_load() {
+        let saturated = Load {
+            saturated: true,
+            ..w(100, 0)
+        };
+        assert_eq!(choose_worker(&[saturated, w(500, 9)], 1000, 0), Some(1));
+        assert_eq!(choose_worker(&[saturated], 1000, 0), None);
+    }
+
+    #[test]
     fn ties_spread_round_robin() {
-        let loads = [(0, 2), (0, 2), (0, 2)];
+        let loads = [w(0, 2), w(0, 2), w(0, 2)];
         let picked: Vec<_> = (0..3)
             .map(|s| choose_worker(&loads, 950, s).unwrap())
             .collect();
@@ -184,8 +215,8 @@ mod tests {
 
     #[test]
     fn no_worker_when_all_are_at_the_limit() {
-        assert_eq!(choose_worker(&[(950, 0), (1000, 0)], 950, 0), None);
-        assert_eq!(choose_worker(&[(0, 0)], 0, 0), None);
-        assert_eq!(choose_worker(&[(999, 0)], 1000, 0), Some(0));
+        assert_eq!(choose_worker(&[w(950, 0), w(1000, 0)], 950, 0), None);
+        assert_eq!(choose_worker(&[w(0, 0)], 0, 0), None);
+        assert_eq!(choose_worker(&[w(999, 0)], 1000, 0), Some(0));
     }
 }

@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::AsFd;
 
 use nix::{getsockopt_impl, setsockopt_impl, sockopt_impl};
 use socket2::{Domain, Socket, Type};
@@ -30,6 +31,75 @@ sockopt_impl!(
     libc::IPV6_MTU_DISCOVER,
     usize
 );
+
+// `SO_MEMINFO` (socket(7)): a socket's memory counters, `SK_MEMINFO_DROPS` among them. libc
+// names the counters' indices but not the option itself on these architectures (55 in
+// asm-generic/socket.h, which they use).
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "x86",
+        target_arch = "arm"
+    )
+))]
+const SO_MEMINFO: libc::c_int = 55;
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "x86",
+        target_arch = "arm"
+    )
+))]
+sockopt_impl!(
+    /// A socket's memory counters (`SK_MEMINFO_*`, nine of them since Linux 4.6).
+    SockMeminfo,
+    GetOnly,
+    libc::SOL_SOCKET,
+    SO_MEMINFO,
+    [u32; 9]
+);
+
+/// Datagrams the kernel dropped at `sock` since it was opened because its receive queue was
+/// full (what a worker that cannot keep up loses, handshakes of new sessions among them);
+/// `None` where the kernel does not say.
+pub fn receive_drops(sock: &impl AsFd) -> Option<u64> {
+    #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "x86",
+            target_arch = "arm"
+        )
+    ))]
+    {
+        // nix asserts the kernel filled the whole array; a kernel with fewer counters
+        // (before 4.6) would panic it, and that must not take a media worker down.
+        let fd = sock.as_fd();
+        let read = std::panic::catch_unwind(move || nix::sys::socket::getsockopt(&fd, SockMeminfo));
+        match read {
+            Ok(Ok(m)) => Some(u64::from(m[libc::SK_MEMINFO_DROPS as usize])),
+            _ => None,
+        }
+    }
+    #[cfg(not(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "x86",
+            target_arch = "arm"
+        )
+    )))]
+    {
+        let _ = sock;
+        None
+    }
+}
 
 /// Opens a blocking UDP socket on `addr` with [`SOCKET_BUFFER`]-byte kernel buffers (best
 /// effort: the kernel caps them at `net.core.[rw]mem_max`) and "don't fragment" set.
@@ -69,7 +139,6 @@ fn dont_fragment(sock: &Socket, addr: SocketAddr) -> io::Result<()> {
 mod tests {
     use super::*;
     use nix::sys::socket::getsockopt;
-    use std::os::fd::AsFd;
 
     #[test]
     fn media_sockets_set_dont_fragment() {
@@ -86,6 +155,21 @@ mod tests {
                 libc::IPV6_PMTUDISC_PROBE as usize
             );
         }
+    }
+
+    #[test]
+    fn a_receive_queue_that_overflows_counts_its_drops() {
+        let rx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let tx = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(receive_drops(&rx.as_fd()), Some(0));
+        // Nobody reads `rx`: its queue (at most the kernel's rmem_max, doubled) fills and
+        // the rest is dropped. 20,000 datagrams of 1,400 bytes are 28 MB, well past it.
+        let to = rx.local_addr().unwrap();
+        for _ in 0..20_000 {
+            let _ = tx.send_to(&[1u8; 1400], to);
+        }
+        let drops = receive_drops(&rx.as_fd()).unwrap();
+        assert!(drops > 0 && drops < 20_000, "{drops}");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -44,6 +44,9 @@ use crate::timers::Timers;
 
 const WAKER: Token = Token(usize::MAX);
 const HOUSEKEEPING: Duration = Duration::from_millis(500);
+/// Housekeeping ticks a worker counts as saturated after the kernel dropped datagrams at its
+/// sockets: the tick that saw the drops and the next, 0.5 to 1 s.
+const SATURATED_TICKS: u8 = 2;
 /// How late a worker with nothing to read may wake for a future str0m deadline or
 /// housekeeping. Those deadlines are RTCP reports, feedback and keepalives, none of which
 /// needs millisecond precision; with the slack most of them run in a turn that datagrams
@@ -133,6 +136,12 @@ pub struct WorkerStats {
     /// The worker's busy share of wall time in per mille ([`crate::load`]), smoothed over
     /// about a second and updated at each housekeeping tick.
     pub load_permille: AtomicU32,
+    /// Datagrams the kernel dropped at the worker's sockets, their receive queues full (read
+    /// at each housekeeping tick).
+    pub receive_drops: AtomicU64,
+    /// The kernel dropped datagrams at the worker's sockets within the last second or so:
+    /// the worker is not keeping up, and a new session's handshake would drown there.
+    pub saturated: AtomicBool,
     /// Control commands handled (SDP work among them).
     pub commands: AtomicU64,
     /// Microseconds the worker spent on control commands, in total.
@@ -271,6 +280,8 @@ impl MediaPlane {
                         subscribers: FxHashMap::default(),
                         timers: Timers::new(Instant::now()),
                         firing: Vec::new(),
+                        receive_drops: 0,
+                        saturated_ticks: 0,
                         egress_due: Vec::new(),
                         nacks: Vec::new(),
                         pending: Vec::new(),
@@ -403,6 +414,10 @@ struct Worker {
     timers: Timers,
     /// Sessions whose timers run this turn (kept for its allocation).
     firing: Vec<SessionKey>,
+    /// The kernel's receive drops at the worker's sockets when last read.
+    receive_drops: u64,
+    /// Housekeeping ticks left that the worker counts as saturated.
+    saturated_ticks: u8,
     /// Sessions holding packets sealed beside str0m, to send at the next flush.
     egress_due: Vec<SessionKey>,
     /// Scratch: the NACKs one datagram carried.
@@ -538,6 +553,7 @@ impl Worker {
                 self.stats
                     .load_permille
                     .store(load.sample(now), Ordering::Relaxed);
+                self.sample_receive_drops();
                 next_housekeeping = now + HOUSEKEEPING;
             }
             self.settle();
@@ -550,6 +566,26 @@ impl Worker {
         for key in keys {
             self.close_session(key, CloseReason::Shutdown);
         }
+    }
+
+    /// Reads the kernel's drop counts of the worker's sockets; the worker counts as saturated
+    /// for [`SATURATED_TICKS`] housekeeping ticks after one rose.
+    fn sample_receive_drops(&mut self) {
+        let total: u64 = self
+            .sockets
+            .iter()
+            .filter_map(crate::udp::receive_drops)
+            .sum();
+        self.saturated_ticks = if total > self.receive_drops {
+            SATURATED_TICKS
+        } else {
+            self.saturated_ticks.saturating_sub(1)
+        };
+        self.receive_drops = total;
+        self.stats.receive_drops.store(total, Ordering::Relaxed);
+        self.stats
+            .saturated
+            .store(self.saturated_ticks > 0, Ordering::Relaxed);
     }
 
     /// Reads the socket a batch at a time, flushing replies after each batch, until it is

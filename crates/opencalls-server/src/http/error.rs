@@ -118,14 +118,15 @@ impl ApiError {
 }
 
 impl ApiError {
-    /// 503 with `Retry-After`: every media worker is at its load limit.
+    /// 503 with `Retry-After`: no media worker has room for a new session (each is
+    /// saturated or at its load limit).
     pub fn overloaded() -> ApiError {
         ApiError {
             retry_after: Some(OVERLOAD_RETRY_AFTER_SECS),
             ..Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::TemporarilyUnavailableError,
-                "Every media worker is at its load limit; retry later",
+                "No media worker has room for a new session; retry later",
             )
         }
     }

@@ -82,7 +82,7 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     use std::fmt::Write;
     use std::sync::atomic::Ordering::Relaxed;
     let mut out = String::new();
-    let counters: [(&str, &str, StatFn); 17] = [
+    let counters: [(&str, &str, StatFn); 18] = [
         (
             "opencalls_commands_total",
             "Control commands a media worker handled",
@@ -160,6 +160,11 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             |s| s.ingress_duplicates.load(Relaxed),
         ),
         (
+            "opencalls_socket_drops_total",
+            "Datagrams the kernel dropped at a media worker's sockets, their receive queues full",
+            |s| s.receive_drops.load(Relaxed),
+        ),
+        (
             "opencalls_crashed_sessions_total",
             "Sessions closed after a panic",
             |s| s.crashed_sessions.load(Relaxed),
@@ -197,7 +202,19 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     }
     let _ = writeln!(
         out,
-        "# HELP opencalls_sessions_refused_total sessions/new requests refused because every media worker was at its load limit\n# TYPE opencalls_sessions_refused_total counter\nopencalls_sessions_refused_total {}",
+        "# HELP opencalls_worker_saturated 1 while a media worker's sockets dropped datagrams within the last second (it takes no new session)\n# TYPE opencalls_worker_saturated gauge"
+    );
+    for w in control.workers() {
+        let _ = writeln!(
+            out,
+            "opencalls_worker_saturated{{worker=\"{}\"}} {}",
+            w.index(),
+            u8::from(w.stats().saturated.load(Relaxed))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP opencalls_sessions_refused_total sessions/new requests refused because no media worker had room (saturated or at its load limit)\n# TYPE opencalls_sessions_refused_total counter\nopencalls_sessions_refused_total {}",
         control.refused_sessions.load(Relaxed)
     );
     send_delay_histogram(&mut out, control.workers());

@@ -316,7 +316,7 @@ fn more_than_fifty_requests_a_second_get_429() {
 }
 
 #[test]
-fn sessions_new_is_refused_with_retry_after_when_every_worker_is_at_its_load_limit() {
+fn sessions_new_is_refused_with_retry_after_when_no_worker_has_room() {
     // At the default limit an idle worker takes sessions, and /metrics shows its load.
     let ts = TestServer::start(2);
     ts.api.new_session();
@@ -330,6 +330,20 @@ fn sessions_new_is_refused_with_retry_after_when_every_worker_is_at_its_load_lim
         assert!((0.0..=1.0).contains(&v), "{line}");
     }
     assert!(m.contains("\nopencalls_sessions_refused_total 0\n"), "{m}");
+    for w in ["0", "1"] {
+        assert!(
+            m.contains(&format!(
+                "\nopencalls_worker_saturated{{worker=\"{w}\"}} 0\n"
+            )),
+            "{m}"
+        );
+        assert!(
+            m.contains(&format!(
+                "\nopencalls_socket_drops_total{{worker=\"{w}\"}} 0\n"
+            )),
+            "{m}"
+        );
+    }
     drop(ts);
 
     // A limit of 0 puts every worker at it: new sessions are refused, the API still answers.
