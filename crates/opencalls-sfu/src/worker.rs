@@ -280,7 +280,7 @@ impl MediaPlane {
                         subscribers: FxHashMap::default(),
                         timers: Timers::new(Instant::now()),
                         firing: Vec::new(),
-                        receive_drops: 0,
+                        receive_drops: Some(0),
                         saturated_ticks: 0,
                         egress_due: Vec::new(),
                         nacks: Vec::new(),
@@ -414,8 +414,9 @@ struct Worker {
     timers: Timers,
     /// Sessions whose timers run this turn (kept for its allocation).
     firing: Vec<SessionKey>,
-    /// The kernel's receive drops at the worker's sockets when last read.
-    receive_drops: u64,
+    /// The kernel's receive drops at the worker's sockets when last read; `None` once the
+    /// kernel did not say.
+    receive_drops: Option<u64>,
     /// Housekeeping ticks left that the worker counts as saturated.
     saturated_ticks: u8,
     /// Sessions holding packets sealed beside str0m, to send at the next flush.
@@ -571,17 +572,25 @@ impl Worker {
     /// Reads the kernel's drop counts of the worker's sockets; the worker counts as saturated
     /// for [`SATURATED_TICKS`] housekeeping ticks after one rose.
     fn sample_receive_drops(&mut self) {
-        let total: u64 = self
-            .sockets
-            .iter()
-            .filter_map(crate::udp::receive_drops)
-            .sum();
-        self.saturated_ticks = if total > self.receive_drops {
+        let Some(before) = self.receive_drops else {
+            return;
+        };
+        let total: Option<u64> = self.sockets.iter().map(crate::udp::receive_drops).sum();
+        let Some(total) = total else {
+            // Asked once: where the kernel does not say, it will not say later either.
+            tracing::warn!(
+                worker = self.index,
+                "the kernel does not report drops at media sockets; admission goes by load only"
+            );
+            self.receive_drops = None;
+            return;
+        };
+        self.saturated_ticks = if total > before {
             SATURATED_TICKS
         } else {
             self.saturated_ticks.saturating_sub(1)
         };
-        self.receive_drops = total;
+        self.receive_drops = Some(total);
         self.stats.receive_drops.store(total, Ordering::Relaxed);
         self.stats
             .saturated
