@@ -28,7 +28,8 @@ pub struct Control {
     /// Per mille: a worker whose load reads this or more takes no new session (1000: only
     /// one that never waited for input over the smoothed window).
     max_load_permille: u32,
-    /// `sessions/new` requests refused because every worker was at its load limit.
+    /// `sessions/new` requests refused because no worker had room (saturated or at its
+    /// load limit).
     pub refused_sessions: AtomicU64,
 }
 

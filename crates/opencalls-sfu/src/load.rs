@@ -69,6 +69,15 @@ mod tests {
         (end, m.sample(end))
     }
 
+    /// `n` windows alike; when the last ended and what it read.
+    fn windows(m: &mut LoadMeter, start: Instant, n: usize, waited_ms: u64) -> (Instant, u32) {
+        let (mut t, mut last) = (start, 0);
+        for _ in 0..n {
+            (t, last) = window(m, t, waited_ms);
+        }
+        (t, last)
+    }
+
     #[test]
     fn a_worker_that_never_waits_reads_full_after_a_few_windows_and_idle_again_after_it_rests() {
         let t0 = Instant::now();
@@ -77,28 +86,17 @@ mod tests {
         assert_eq!(first, 500);
         let (t, second) = window(&mut m, t, 0);
         assert_eq!(second, 750);
-        let mut t = t;
-        let mut last = second;
-        for _ in 0..12 {
-            (t, last) = window(&mut m, t, 0);
-        }
-        assert_eq!(last, FULL);
-        for _ in 0..12 {
-            (t, last) = window(&mut m, t, 500);
-        }
-        assert_eq!(last, 0);
+        let (t, busy) = windows(&mut m, t, 12, 0);
+        assert_eq!(busy, FULL);
+        let (_, rested) = windows(&mut m, t, 12, 500);
+        assert_eq!(rested, 0);
     }
 
     #[test]
     fn a_worker_waiting_a_fifth_of_the_time_settles_at_four_fifths() {
         let t0 = Instant::now();
         let mut m = LoadMeter::new(t0);
-        let mut t = t0;
-        let mut last = 0;
-        for _ in 0..20 {
-            (t, last) = window(&mut m, t, 100);
-        }
-        assert_eq!(last, 800);
+        assert_eq!(windows(&mut m, t0, 20, 100).1, 800);
     }
 
     #[test]

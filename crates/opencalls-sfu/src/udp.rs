@@ -32,71 +32,64 @@ sockopt_impl!(
     usize
 );
 
-// `SO_MEMINFO` (socket(7)): a socket's memory counters, `SK_MEMINFO_DROPS` among them. libc
-// names the counters' indices but not the option itself on these architectures (55 in
-// asm-generic/socket.h, which they use).
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "x86",
-        target_arch = "arm"
-    )
-))]
-const SO_MEMINFO: libc::c_int = 55;
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "x86",
-        target_arch = "arm"
-    )
-))]
-sockopt_impl!(
-    /// A socket's memory counters (`SK_MEMINFO_*`, nine of them since Linux 4.6).
-    SockMeminfo,
-    GetOnly,
-    libc::SOL_SOCKET,
-    SO_MEMINFO,
-    [u32; 9]
-);
-
 /// Datagrams the kernel dropped at `sock` since it was opened because its receive queue was
 /// full (what a worker that cannot keep up loses, handshakes of new sessions among them);
 /// `None` where the kernel does not say.
 pub fn receive_drops(sock: &impl AsFd) -> Option<u64> {
-    #[cfg(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "x86",
-            target_arch = "arm"
-        )
-    ))]
-    {
+    meminfo::drops(sock.as_fd())
+}
+
+/// `SO_MEMINFO` (socket(7)): a socket's memory counters, `SK_MEMINFO_DROPS` among them. libc
+/// names the counters' indices but not the option itself on these architectures (55 in
+/// asm-generic/socket.h, which they use).
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "x86",
+        target_arch = "arm"
+    )
+))]
+mod meminfo {
+    use std::os::fd::BorrowedFd;
+
+    use nix::{getsockopt_impl, sockopt_impl};
+
+    const SO_MEMINFO: libc::c_int = 55;
+
+    sockopt_impl!(
+        /// A socket's memory counters (`SK_MEMINFO_*`, nine of them since Linux 4.6).
+        SockMeminfo,
+        GetOnly,
+        libc::SOL_SOCKET,
+        SO_MEMINFO,
+        [u32; 9]
+    );
+
+    pub(super) fn drops(fd: BorrowedFd<'_>) -> Option<u64> {
         // nix asserts the kernel filled the whole array; a kernel with fewer counters
         // (before 4.6) would panic it, and that must not take a media worker down.
-        let fd = sock.as_fd();
         let read = std::panic::catch_unwind(move || nix::sys::socket::getsockopt(&fd, SockMeminfo));
         match read {
             Ok(Ok(m)) => Some(u64::from(m[libc::SK_MEMINFO_DROPS as usize])),
             _ => None,
         }
     }
-    #[cfg(not(all(
-        target_os = "linux",
-        any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "x86",
-            target_arch = "arm"
-        )
-    )))]
-    {
-        let _ = sock;
+}
+
+/// Where the kernel has no `SO_MEMINFO` we know of: drops are unknown.
+#[cfg(not(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "x86",
+        target_arch = "arm"
+    )
+)))]
+mod meminfo {
+    pub(super) fn drops(_: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
         None
     }
 }

@@ -170,48 +170,38 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
             |s| s.crashed_sessions.load(Relaxed),
         ),
     ];
+    let workers = control.workers();
     for (name, help, get) in counters {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for w in control.workers() {
-            let _ = writeln!(out, "{name}{{worker=\"{}\"}} {}", w.index(), get(w.stats()));
-        }
+        per_worker(&mut out, name, "counter", help, workers, get);
     }
-    let _ = writeln!(
-        out,
-        "# HELP opencalls_sessions Sessions on each media worker\n# TYPE opencalls_sessions gauge"
+    per_worker(
+        &mut out,
+        "opencalls_sessions",
+        "gauge",
+        "Sessions on each media worker",
+        workers,
+        |s| s.sessions.load(Relaxed),
     );
-    for w in control.workers() {
-        let _ = writeln!(
-            out,
-            "opencalls_sessions{{worker=\"{}\"}} {}",
-            w.index(),
-            w.stats().sessions.load(Relaxed)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP opencalls_worker_load Busy share of each media worker's wall time, smoothed over about a second\n# TYPE opencalls_worker_load gauge"
+    per_worker(
+        &mut out,
+        "opencalls_worker_load",
+        "gauge",
+        "Busy share of each media worker's wall time, smoothed over about a second",
+        workers,
+        |s| {
+            let share =
+                f64::from(s.load_permille.load(Relaxed)) / f64::from(opencalls_sfu::load::FULL);
+            format!("{share:.3}")
+        },
     );
-    for w in control.workers() {
-        let _ = writeln!(
-            out,
-            "opencalls_worker_load{{worker=\"{}\"}} {:.3}",
-            w.index(),
-            f64::from(w.stats().load_permille.load(Relaxed)) / f64::from(opencalls_sfu::load::FULL)
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP opencalls_worker_saturated 1 while a media worker's sockets dropped datagrams within the last second (it takes no new session)\n# TYPE opencalls_worker_saturated gauge"
+    per_worker(
+        &mut out,
+        "opencalls_worker_saturated",
+        "gauge",
+        "1 while a media worker's sockets dropped datagrams within the last second (it takes no new session)",
+        workers,
+        |s| u8::from(s.saturated.load(Relaxed)),
     );
-    for w in control.workers() {
-        let _ = writeln!(
-            out,
-            "opencalls_worker_saturated{{worker=\"{}\"}} {}",
-            w.index(),
-            u8::from(w.stats().saturated.load(Relaxed))
-        );
-    }
     let _ = writeln!(
         out,
         "# HELP opencalls_sessions_refused_total sessions/new requests refused because no media worker had room (saturated or at its load limit)\n# TYPE opencalls_sessions_refused_total counter\nopencalls_sessions_refused_total {}",
@@ -219,6 +209,27 @@ async fn metrics(axum::extract::State(control): axum::extract::State<Arc<Control
     );
     send_delay_histogram(&mut out, control.workers());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// One metric with a line per media worker (`worker` label), its value read by `value`.
+fn per_worker<V: std::fmt::Display>(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    workers: &[opencalls_sfu::WorkerHandle],
+    value: impl Fn(&opencalls_sfu::WorkerStats) -> V,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for w in workers {
+        let _ = writeln!(
+            out,
+            "{name}{{worker=\"{}\"}} {}",
+            w.index(),
+            value(w.stats())
+        );
+    }
 }
 
 /// `opencalls_send_delay_seconds`, a Prometheus histogram per worker (cumulative buckets).
