@@ -198,10 +198,11 @@ pub struct StepResult {
     pub push: Option<(f64, f64)>,
     /// Keyframes publishers made because one was asked for, per second of the window.
     pub forced_keyframes_per_sec: Option<f64>,
-    /// opencalls, after the window: its busiest worker's load as `/metrics` shows it, and
-    /// whether one more `sessions/new` was admitted (false: 503, every worker at its load
-    /// limit).
-    pub admission: Option<(Option<f64>, bool)>,
+    /// opencalls, at the end of the window: its busiest worker's load as `/metrics` shows it.
+    pub worker_load: Option<f64>,
+    /// opencalls, after the window: whether one more `sessions/new` was admitted (false:
+    /// 503, no worker with room).
+    pub admits_sessions: Option<bool>,
 }
 
 impl StepResult {
@@ -244,24 +245,16 @@ impl StepResult {
             "push_per_sec": self.push.map(|p| round(p.0)),
             "push_per_sec_per_core": self.push.map(|(r, b)| round(if b > 0.0 { r / b } else { 0.0 })),
             "forced_keyframes_per_sec": self.forced_keyframes_per_sec.map(round3),
-            "worker_load": self.admission.and_then(|a| a.0).map(round3),
-            "admits_sessions": self.admission.map(|a| a.1),
+            "worker_load": self.worker_load.map(round3),
+            "admits_sessions": self.admits_sessions,
         })
     }
 }
 
-/// After a step's window, with its media still flowing: the busiest worker's load from
-/// `/metrics`, and whether the server admits one more session (201) or refuses it for
-/// load (503). Any other answer is an error of the step.
-fn admission(api: &Api) -> anyhow::Result<(Option<f64>, bool)> {
-    let timeout = Duration::from_secs(5);
-    let m = opencalls_testkit::api::try_request(api.addr, "GET", "/metrics", &[], None, timeout)?;
-    let load = m
-        .body
-        .lines()
-        .filter(|l| l.starts_with("opencalls_worker_load{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .reduce(f64::max);
+/// After a step's window, with its media still flowing: whether the server admits one more
+/// session (201) or refuses it for want of room (503). Any other answer is an error of the
+/// step.
+fn admits_session(api: &Api) -> anyhow::Result<bool> {
     let auth = format!("Bearer {}", api.secret);
     let r = opencalls_testkit::api::try_request(
         api.addr,
@@ -269,19 +262,17 @@ fn admission(api: &Api) -> anyhow::Result<(Option<f64>, bool)> {
         &format!("/v1/apps/{}/sessions/new", api.app),
         &[("Authorization", auth.as_str())],
         None,
-        timeout,
+        Duration::from_secs(5),
     )?;
     match r.status {
-        201 => Ok((load, true)),
-        503 => Ok((load, false)),
+        201 => Ok(true),
+        503 => Ok(false),
         s => anyhow::bail!("sessions/new after the window answered {s}: {}", r.body),
     }
 }
 
-/// opencalls' `opencalls_send_delay_seconds` from its `/metrics`, summed over workers:
-/// (upper bound in ms, cumulative count) per bucket, `+Inf` as infinity. `None` if the
-/// server did not answer or has no such histogram.
-fn send_delay(addr: SocketAddr) -> Option<Vec<(f64, u64)>> {
+/// An opencalls server's `/metrics` text; `None` if it did not answer.
+fn metrics_text(addr: SocketAddr) -> Option<String> {
     let r = opencalls_testkit::api::try_request(
         addr,
         "GET",
@@ -291,9 +282,20 @@ fn send_delay(addr: SocketAddr) -> Option<Vec<(f64, u64)>> {
         Duration::from_secs(5),
     )
     .ok()?;
-    parse_send_delay(&r.body)
+    Some(r.body)
 }
 
+/// The busiest worker's `opencalls_worker_load` in a `/metrics` text.
+fn parse_worker_load(text: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with("opencalls_worker_load{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .reduce(f64::max)
+}
+
+/// opencalls' `opencalls_send_delay_seconds` in a `/metrics` text, summed over workers:
+/// (upper bound in ms, cumulative count) per bucket, `+Inf` as infinity. `None` if it has
+/// no such histogram.
 fn parse_send_delay(text: &str) -> Option<Vec<(f64, u64)>> {
     let mut buckets: Vec<(f64, u64)> = Vec::new();
     for line in text.lines() {
@@ -458,7 +460,7 @@ pub fn run_step(
             let mut r = w
                 .media
                 .measure(warm, window, w.server.id(), Some(w.api.addr))?;
-            r.admission = Some(admission(&w.api)?);
+            r.admits_sessions = Some(admits_session(&w.api)?);
             Ok(r)
         }
         (Target::Raw, _) => {
@@ -882,8 +884,8 @@ impl Media {
     }
 
     /// Warms up, then measures one window. With `metrics` (an opencalls server's HTTP
-    /// address) the server's own send delay is read before and after it, outside the CPU
-    /// window.
+    /// address) its `/metrics` is read before and after it, outside the CPU window: the
+    /// server's own send delay over the window, and its workers' load at the end.
     fn measure(
         &mut self,
         warm: Duration,
@@ -893,7 +895,7 @@ impl Media {
     ) -> anyhow::Result<StepResult> {
         self.run(warm, None);
         let mut meter = Meter::default();
-        let delay0 = metrics.and_then(send_delay);
+        let before = metrics.and_then(metrics_text);
         let (s0, g0) = (sys::cpu_sample(1), sys::cpu_sample(0));
         let t0 = Instant::now();
         let forced0 = self.forced_keyframes;
@@ -901,8 +903,11 @@ impl Media {
         let secs = t0.elapsed().as_secs_f64();
         let forced = (self.forced_keyframes - forced0) as f64 / secs;
         let (s1, g1) = (sys::cpu_sample(1), sys::cpu_sample(0));
-        let server_ms = delay0
-            .zip(metrics.and_then(send_delay))
+        let after = metrics.and_then(metrics_text);
+        let server_ms = before
+            .as_deref()
+            .and_then(parse_send_delay)
+            .zip(after.as_deref().and_then(parse_send_delay))
             .and_then(|(a, b)| send_delay_percentiles(&a, &b));
         let mut joins: Vec<f64> = self
             .peers
@@ -936,7 +941,8 @@ impl Media {
             join_failures: 0,
             push: None,
             forced_keyframes_per_sec: Some(forced),
-            admission: None,
+            worker_load: after.as_deref().and_then(parse_worker_load),
+            admits_sessions: None,
         })
     }
 
@@ -1227,7 +1233,8 @@ fn api_step(step: &Step, _quick: bool) -> anyhow::Result<StepResult> {
         join_failures: 0,
         push: Some((push_rate, push_busy)),
         forced_keyframes_per_sec: None,
-        admission: None,
+        worker_load: None,
+        admits_sessions: None,
     })
 }
 
@@ -1296,6 +1303,18 @@ impl JanusWorld {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_load_is_the_busiest_workers() {
+        let text =
+            "# TYPE opencalls_worker_load gauge\nopencalls_worker_load{worker=\"0\"} 0.412\n\
+            opencalls_worker_load{worker=\"1\"} 0.970\nopencalls_sessions{worker=\"1\"} 7\n";
+        assert_eq!(parse_worker_load(text), Some(0.97));
+        assert_eq!(
+            parse_worker_load("opencalls_sessions{worker=\"0\"} 3\n"),
+            None
+        );
+    }
 
     #[test]
     fn send_delay_sums_workers_and_reads_percentiles_between_two_readings() {
