@@ -39,58 +39,54 @@ pub fn receive_drops(sock: &impl AsFd) -> Option<u64> {
     meminfo::drops(sock.as_fd())
 }
 
-/// `SO_MEMINFO` (socket(7)): a socket's memory counters, `SK_MEMINFO_DROPS` among them. libc
-/// names the counters' indices but not the option itself on these architectures (55 in
-/// asm-generic/socket.h, which they use).
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "x86",
-        target_arch = "arm"
-    )
-))]
-mod meminfo {
-    use std::os::fd::BorrowedFd;
+cfg_if::cfg_if! {
+    // Linux architectures whose socket options come from asm-generic/socket.h.
+    if #[cfg(all(
+        target_os = "linux",
+        any(
+            target_arch = "x86_64",
+            target_arch = "aarch64",
+            target_arch = "x86",
+            target_arch = "arm"
+        )
+    ))] {
+        /// `SO_MEMINFO` (socket(7)): a socket's memory counters, `SK_MEMINFO_DROPS` among
+        /// them. libc names the counters' indices but not the option itself on these
+        /// architectures (55 in asm-generic/socket.h, which they use).
+        mod meminfo {
+            use std::os::fd::BorrowedFd;
 
-    use nix::{getsockopt_impl, sockopt_impl};
+            use nix::{getsockopt_impl, sockopt_impl};
 
-    const SO_MEMINFO: libc::c_int = 55;
+            const SO_MEMINFO: libc::c_int = 55;
 
-    sockopt_impl!(
-        /// A socket's memory counters (`SK_MEMINFO_*`, nine of them since Linux 4.6).
-        SockMeminfo,
-        GetOnly,
-        libc::SOL_SOCKET,
-        SO_MEMINFO,
-        [u32; 9]
-    );
+            sockopt_impl!(
+                /// A socket's memory counters (`SK_MEMINFO_*`, nine of them since Linux 4.6).
+                SockMeminfo,
+                GetOnly,
+                libc::SOL_SOCKET,
+                SO_MEMINFO,
+                [u32; 9]
+            );
 
-    pub(super) fn drops(fd: BorrowedFd<'_>) -> Option<u64> {
-        // nix asserts the kernel filled the whole array; a kernel with fewer counters
-        // (before 4.6) would panic it, and that must not take a media worker down.
-        let read = std::panic::catch_unwind(move || nix::sys::socket::getsockopt(&fd, SockMeminfo));
-        match read {
-            Ok(Ok(m)) => Some(u64::from(m[libc::SK_MEMINFO_DROPS as usize])),
-            _ => None,
+            pub(super) fn drops(fd: BorrowedFd<'_>) -> Option<u64> {
+                // nix asserts the kernel filled the whole array; a kernel with fewer counters
+                // (before 4.6) would panic it, and that must not take a media worker down.
+                let read =
+                    std::panic::catch_unwind(move || nix::sys::socket::getsockopt(&fd, SockMeminfo));
+                match read {
+                    Ok(Ok(m)) => Some(u64::from(m[libc::SK_MEMINFO_DROPS as usize])),
+                    _ => None,
+                }
+            }
         }
-    }
-}
-
-/// Where the kernel has no `SO_MEMINFO` we know of: drops are unknown.
-#[cfg(not(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "aarch64",
-        target_arch = "x86",
-        target_arch = "arm"
-    )
-)))]
-mod meminfo {
-    pub(super) fn drops(_: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
-        None
+    } else {
+        /// Where the kernel has no `SO_MEMINFO` we know of: drops are unknown.
+        mod meminfo {
+            pub(super) fn drops(_: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+                None
+            }
+        }
     }
 }
 
