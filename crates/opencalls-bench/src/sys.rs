@@ -55,22 +55,20 @@ fn idle_and_steal_ticks(stat: &str, cpu: usize) -> Option<(u64, u64)> {
 
 /// Busy fraction of a CPU between two samples (0 to 1): neither idle nor stolen.
 pub fn busy_between(a: CpuSample, b: CpuSample) -> f64 {
-    let wall = b.at.saturating_duration_since(a.at).as_secs_f64();
-    if wall <= 0.0 {
-        return 0.0;
-    }
-    let idle = b.idle.saturating_sub(a.idle) as f64 / USER_HZ;
-    let steal = b.steal.saturating_sub(a.steal) as f64 / USER_HZ;
-    (1.0 - (idle + steal) / wall).clamp(0.0, 1.0)
+    let idle = b.idle.saturating_sub(a.idle);
+    let steal = b.steal.saturating_sub(a.steal);
+    share_of_wall(a, b, idle + steal).map_or(0.0, |s| (1.0 - s).clamp(0.0, 1.0))
 }
 
 /// Fraction of the wall time between two samples the hypervisor took from the CPU.
 pub fn steal_between(a: CpuSample, b: CpuSample) -> f64 {
+    share_of_wall(a, b, b.steal.saturating_sub(a.steal)).map_or(0.0, |s| s.clamp(0.0, 1.0))
+}
+
+/// `ticks` (USER_HZ) as a share of the wall time from `a` to `b`; `None` if none passed.
+fn share_of_wall(a: CpuSample, b: CpuSample, ticks: u64) -> Option<f64> {
     let wall = b.at.saturating_duration_since(a.at).as_secs_f64();
-    if wall <= 0.0 {
-        return 0.0;
-    }
-    (b.steal.saturating_sub(a.steal) as f64 / USER_HZ / wall).clamp(0.0, 1.0)
+    (wall > 0.0).then(|| ticks as f64 / USER_HZ / wall)
 }
 
 /// Resident set size of a process in MB.
