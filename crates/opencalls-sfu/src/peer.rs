@@ -29,7 +29,7 @@ use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::PayloadParams;
 use str0m::media::{Direction, KeyframeRequestKind, MediaKind};
 use str0m::net::{Protocol, Receive};
-use str0m::rtp::{Extension, RtpWrite};
+use str0m::rtp::{AbsCaptureTime, Extension, RtpWrite, VideoOrientation};
 
 /// Video packets kept per send stream for retransmission.
 pub const VIDEO_SEND_BUFFER: usize = 400;
@@ -1017,6 +1017,40 @@ fn rtp_header(packet: &mut Vec<u8>, marker: bool, pt: u8, seq: u64, rtp_time: u3
     packet.extend_from_slice(&header);
 }
 
+/// The header extensions that describe the media and so travel end to end; the others
+/// (transport-cc, abs-send-time, mid, rid) belong to one hop. A quarter the size of str0m's
+/// `ExtensionValues`, which a forwarded packet carries to every worker it goes to.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EndToEnd {
+    audio_level: Option<i8>,
+    voice_activity: Option<bool>,
+    video_orientation: Option<VideoOrientation>,
+    abs_capture_time: Option<AbsCaptureTime>,
+}
+
+impl EndToEnd {
+    /// The end-to-end values among `ext`.
+    pub fn of(ext: &ExtensionValues) -> EndToEnd {
+        EndToEnd {
+            audio_level: ext.audio_level,
+            voice_activity: ext.voice_activity,
+            video_orientation: ext.video_orientation,
+            abs_capture_time: ext.abs_capture_time,
+        }
+    }
+
+    /// As str0m writes them, with no per-hop value set.
+    pub fn values(&self) -> ExtensionValues {
+        ExtensionValues {
+            audio_level: self.audio_level,
+            voice_activity: self.voice_activity,
+            video_orientation: self.video_orientation,
+            abs_capture_time: self.abs_capture_time,
+            ..Default::default()
+        }
+    }
+}
+
 /// The abs-capture-time extension's value (after its one-byte element header), encoded once
 /// per forwarded packet: every subscriber's copy carries the same bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1081,6 +1115,40 @@ fn write_extensions(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_end_to_end_extensions_travel_with_a_forwarded_packet() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let capture = AbsCaptureTime {
+            capture_time: UNIX_EPOCH + Duration::from_millis(2_500),
+            clock_offset: Some(-7),
+        };
+        let received = ExtensionValues {
+            audio_level: Some(-30),
+            voice_activity: Some(true),
+            video_orientation: Some(VideoOrientation::Deg90),
+            abs_capture_time: Some(capture),
+            transport_cc: Some(12),
+            abs_send_time: Some(Instant::now()),
+            mid: Some(Mid::from("1")),
+            rid: Some(Rid::from("h")),
+            ..Default::default()
+        };
+        let written = EndToEnd::of(&received).values();
+        assert_eq!(written.audio_level, Some(-30));
+        assert_eq!(written.voice_activity, Some(true));
+        assert_eq!(written.video_orientation, Some(VideoOrientation::Deg90));
+        assert_eq!(written.abs_capture_time, Some(capture));
+        // One hop's own: the next hop's session writes its own.
+        assert_eq!(written.transport_cc, None);
+        assert_eq!(written.abs_send_time, None);
+        assert_eq!(written.mid, None);
+        assert_eq!(written.rid, None);
+        assert_eq!(
+            EndToEnd::of(&ExtensionValues::default()),
+            EndToEnd::default()
+        );
+    }
 
     #[test]
     fn capture_time_is_encoded_once_as_ntp_and_written_after_the_mid() {

@@ -35,8 +35,8 @@ use crate::delay::DelayHistogram;
 use crate::forward::Recent;
 use crate::load::LoadMeter;
 use crate::peer::{
-    CaptureTime, CodecSpec, ExtensionValues, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent,
-    PeerOutput, Received, Rid, RtpRef,
+    CaptureTime, CodecSpec, EndToEnd, Flow, Kind, Mid, NewMedia, PeerError, PeerEvent, PeerOutput,
+    Received, Rid, RtpRef,
 };
 use crate::session::{LineRun, Publication, Session, SharedSubscription, Subscription, TrackSlot};
 use crate::stun;
@@ -346,17 +346,19 @@ struct Tally {
 }
 
 /// A packet waiting for delivery to this worker's subscribers of a track.
-type Pending = (TrackKey, Arc<Forwarded>);
+type Pending = (TrackKey, Forwarded);
 
-/// A packet on its way from a publication to subscribers on one worker.
-#[derive(Debug)]
+/// A packet on its way from a publication to subscribers on one worker: held by value (each
+/// worker it goes to gets its own copy of these few fields), so the payload's buffer is the
+/// packet's only allocation.
+#[derive(Debug, Clone)]
 struct Forwarded {
     codec: Option<CodecSpec>,
     rid: Option<Rid>,
     seq: u64,
     rtp_time: u32,
     marker: bool,
-    ext: ExtensionValues,
+    ext: EndToEnd,
     /// `ext`'s capture time as our egress path writes it.
     abs_capture_time: Option<CaptureTime>,
     payload: Arc<[u8]>,
@@ -378,7 +380,7 @@ enum Msg {
     },
     Media {
         track: TrackKey,
-        packet: Arc<Forwarded>,
+        packet: Forwarded,
     },
     Keyframe {
         track: TrackKey,
@@ -487,18 +489,6 @@ fn bind_udp(addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
     let sock = crate::udp::bind(addr)?;
     sock.set_nonblocking(true)?;
     Ok(sock)
-}
-
-/// Header extensions that describe the media and so travel end to end; the others
-/// (transport-cc, abs-send-time, mid, rid) belong to one hop.
-fn end_to_end(ext: &ExtensionValues) -> ExtensionValues {
-    ExtensionValues {
-        audio_level: ext.audio_level,
-        voice_activity: ext.voice_activity,
-        video_orientation: ext.video_orientation,
-        abs_capture_time: ext.abs_capture_time,
-        ..Default::default()
-    }
 }
 
 /// How long a worker with nothing left to read waits for its next `deadline`: not at all
@@ -935,17 +925,17 @@ impl Worker {
                 if publication.fanout.is_empty() {
                     return;
                 }
-                let packet = Arc::new(Forwarded {
+                let packet = Forwarded {
                     codec: p.codec,
                     rid: p.rid,
                     seq: p.seq,
                     rtp_time: p.rtp_time,
                     marker: p.marker,
-                    ext: end_to_end(&p.ext),
+                    ext: EndToEnd::of(&p.ext),
                     abs_capture_time: CaptureTime::of(&p.ext),
                     payload: p.payload,
                     read_at: self.read_at.unwrap_or_else(Instant::now),
-                });
+                };
                 for i in 0..publication.fanout.len() {
                     let w = publication.fanout[i].0;
                     if w != self.index {
@@ -1154,7 +1144,7 @@ impl Worker {
                 seq,
                 ts,
                 packet.marker,
-                packet.ext.clone(),
+                packet.ext.values(),
                 packet.payload.clone(),
                 now,
             );
