@@ -285,6 +285,7 @@ impl MediaPlane {
                         egress_due: Vec::new(),
                         nacks: Vec::new(),
                         pending: Vec::new(),
+                        held: Vec::new(),
                         kept: Vec::new(),
                         gso_lines: Vec::new(),
                         deferred_keyframes: FxHashSet::default(),
@@ -345,8 +346,8 @@ struct Tally {
     egress_rtp: u64,
 }
 
-/// A packet waiting for delivery to this worker's subscribers of a track.
-type Pending = (TrackKey, Forwarded);
+/// A pending packet's track and its place among the worker's pending packets.
+type Held = (TrackKey, u32);
 
 /// A packet on its way from a publication to subscribers on one worker: held by value (each
 /// worker it goes to gets its own copy of these few fields), so the payload's buffer is the
@@ -425,9 +426,13 @@ struct Worker {
     egress_due: Vec<SessionKey>,
     /// Scratch: the NACKs one datagram carried.
     nacks: Vec<(Mid, u16)>,
-    /// Packets for this worker's subscribers, delivered per track at the next flush (a
-    /// subscriber's state is then visited once per input batch, not once per packet).
-    pending: Vec<Pending>,
+    /// Packets for this worker's subscribers, in arrival order, delivered per track at the
+    /// next flush (a subscriber's state is then visited once per input batch, not once per
+    /// packet).
+    pending: Vec<Forwarded>,
+    /// Each pending packet's track and place, sorted at delivery: a track's packets in order
+    /// of arrival, the packets themselves not moved.
+    held: Vec<Held>,
     /// Scratch: where each packet of the run sits in the track's `Recent`, once kept.
     kept: Vec<Option<u64>>,
     /// Scratch for ordering a session's sealed packets (`session::gso_order`).
@@ -947,7 +952,7 @@ impl Worker {
                 }
                 let local = publication.fanout.iter().any(|(w, _)| *w == self.index);
                 if local {
-                    self.pending.push((track, packet));
+                    self.hold(track, packet);
                 }
             }
             PeerEvent::KeyframeRequest { mid, .. } => {
@@ -976,14 +981,18 @@ impl Worker {
         }
         let now = Instant::now();
         self.timers.advance(now);
-        let mut pending = std::mem::take(&mut self.pending);
-        // Stable: each track's packets keep their order.
-        pending.sort_by_key(|(track, _)| *track);
-        for run in pending.chunk_by(|a, b| a.0 == b.0) {
-            self.deliver(run[0].0, run, now);
+        let pending = std::mem::take(&mut self.pending);
+        let mut held = std::mem::take(&mut self.held);
+        // By track, then by place: each track's packets keep their order. In place, with
+        // no scratch buffer, as the keys are unique.
+        held.sort_unstable();
+        for run in held.chunk_by(|a, b| a.0 == b.0) {
+            self.deliver(run[0].0, (&pending, run), now);
         }
-        pending.clear();
         self.pending = pending;
+        self.pending.clear();
+        held.clear();
+        self.held = held;
         let tally = std::mem::take(&mut self.tally);
         self.stats
             .forwarded_rtp
@@ -993,8 +1002,15 @@ impl Worker {
             .fetch_add(tally.egress_rtp, Ordering::Relaxed);
     }
 
-    /// Fans `packets` (in order, all of `track`) out to this worker's subscribers of it.
-    fn deliver(&mut self, track: TrackKey, packets: &[Pending], now: Instant) {
+    /// Waits for [`Worker::deliver_pending`].
+    fn hold(&mut self, track: TrackKey, packet: Forwarded) {
+        self.held.push((track, self.pending.len() as u32));
+        self.pending.push(packet);
+    }
+
+    /// Fans the packets `run` names among `pending` (in order, all of `track`) out to this
+    /// worker's subscribers of it.
+    fn deliver(&mut self, track: TrackKey, (pending, run): (&[Forwarded], &[Held]), now: Instant) {
         let Some(fanout) = self.subscribers.get_mut(&track) else {
             return;
         };
@@ -1002,15 +1018,15 @@ impl Worker {
         let mut recent = std::mem::take(&mut fanout.recent);
         let mut kept = std::mem::take(&mut self.kept);
         kept.clear();
-        kept.resize(packets.len(), None);
-        let mut evicted = recent.touch_evicted(packets.len());
+        kept.resize(run.len(), None);
+        let mut evicted = recent.touch_evicted(run.len());
         for chunk in subs.chunks(READ_AHEAD) {
             self.read_ahead(chunk, std::mem::take(&mut evicted));
             for (key, mid, sub) in chunk {
                 let (key, mid) = (*key, *mid);
                 let mut from = 0;
-                while from < packets.len() {
-                    let rest = (&packets[from..], &mut kept[from..]);
+                while from < run.len() {
+                    let rest = (pending, &run[from..], &mut kept[from..]);
                     let delivered = {
                         let sub = &mut sub.borrow_mut();
                         self.deliver_to(key, mid, sub, rest, &mut recent, subs.len(), now)
@@ -1056,7 +1072,7 @@ impl Worker {
         std::hint::black_box(folded);
     }
 
-    /// Forwards `packets` to one subscription, sealing beside str0m where it can; stops
+    /// Forwards the packets `run` names to one subscription, sealing beside str0m where it can; stops
     /// after a packet written through str0m that must leave before the next is sealed.
     /// `fan_out`: the track's subscribers on this worker.
     #[allow(clippy::too_many_arguments)]
@@ -1065,7 +1081,7 @@ impl Worker {
         key: SessionKey,
         mid: Mid,
         sub: &mut Subscription,
-        (packets, kept): (&[Pending], &mut [Option<u64>]),
+        (pending, run, kept): (&[Forwarded], &[Held], &mut [Option<u64>]),
         recent: &mut Recent,
         fan_out: usize,
         now: Instant,
@@ -1073,7 +1089,8 @@ impl Worker {
         let Some(s) = self.sessions.get_mut(&key) else {
             return Delivered::All;
         };
-        for (i, (_, packet)) in packets.iter().enumerate() {
+        for (i, &(_, at)) in run.iter().enumerate() {
+            let packet = &pending[at as usize];
             let Some(codec) = packet.codec else {
                 continue;
             };
@@ -1220,7 +1237,7 @@ impl Worker {
                     .read_at
                     .map_or(packet.read_at, |t| t.min(packet.read_at));
                 self.read_at = Some(at);
-                self.pending.push((track, packet));
+                self.hold(track, packet);
             }
             Msg::Keyframe { track, rid } => self.keyframe_local(track, rid, Instant::now(), false),
             Msg::Unpublished { track } => self.source_gone(track),
