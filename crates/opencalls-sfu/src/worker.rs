@@ -981,7 +981,7 @@ impl Worker {
         }
         let now = Instant::now();
         self.timers.advance(now);
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         let mut held = std::mem::take(&mut self.held);
         // By track, then by place: each track's packets keep their order. In place, with
         // no scratch buffer, as the keys are unique.
@@ -989,9 +989,9 @@ impl Worker {
         for run in held.chunk_by(|a, b| a.0 == b.0) {
             self.deliver(run[0].0, (&pending, run), now);
         }
-        self.pending = pending;
-        self.pending.clear();
+        pending.clear();
         held.clear();
+        self.pending = pending;
         self.held = held;
         let tally = std::mem::take(&mut self.tally);
         self.stats
@@ -1072,8 +1072,9 @@ impl Worker {
         std::hint::black_box(folded);
     }
 
-    /// Forwards the packets `run` names to one subscription, sealing beside str0m where it can; stops
-    /// after a packet written through str0m that must leave before the next is sealed.
+    /// Forwards the packets `run` names to one subscription, sealing beside str0m where it
+    /// can; stops after a packet written through str0m that must leave before the next is
+    /// sealed.
     /// `fan_out`: the track's subscribers on this worker.
     #[allow(clippy::too_many_arguments)]
     fn deliver_to(
